@@ -1,0 +1,414 @@
+"""The one training loop every command uses (pretraining, landmark, fine-tuning).
+
+A *method* is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar
+``"loss"`` (plus other scalar terms, which are logged). Optional hooks:
+``update_target(step, max_steps)`` after each optimizer step (EMA),
+``param_groups(weight_decay)``, ``preview(batch) -> {name: array}`` and
+``metadata()``.
+
+Data comes from a map-style dataset indexed by *sample*: ``dataset[i]`` is one sample
+dict, deterministic in ``i``. The global batch of step ``s`` is samples
+``[s*G, (s+1)*G)`` with ``G = batch_size * world_size * grad_accum``, so a run on one
+process and on several sees the same global batch, and a resumed run sees exactly the
+batches it would have seen. Datasets that build whole batches themselves set
+``yields_batches = True`` and are indexed by (step, micro-step, rank) instead.
+
+Randomness inside the step (masks, augmentations) is re-seeded from
+``(seed, step, rank)`` at every step: a resumed run repeats the uninterrupted run's
+random draws without carrying RNG states around.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from alice3d.config import TrainConfig, to_dict
+from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from alice3d.train.distributed import DistInfo, init_distributed, resolve_device
+from alice3d.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("alice3d.train")
+
+# Config keys that may change between a run and its resume without changing the result.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.ckpt_every", "train.log_every", "train.preview_every",
+    "train.eval_every", "train.device", "train.num_workers", "train.dist_timeout_s",
+    "train.tensorboard", "train.max_bad_steps", "data.on_bad_data", "data.cache",
+}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated non-finite steps, incompatible resume, ...)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool = False
+    signal_name: str = ""
+    skipped_steps: int = 0
+    last_metrics: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 9_176 + rank * 7_919) % (2**63 - 1)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class _StepBatches(Sampler):
+    """Per-rank sample indices of every micro-batch from ``start_step`` on."""
+
+    def __init__(self, start_step: int, max_steps: int, batch: int, accum: int, dist_info: DistInfo, batched: bool):
+        self.start, self.stop = start_step, max_steps
+        self.batch, self.accum, self.d, self.batched = batch, accum, dist_info, batched
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start) * self.accum
+
+    def __iter__(self) -> Iterator:
+        w, r = self.d.world_size, self.d.rank
+        for s in range(self.start, self.stop):
+            for m in range(self.accum):
+                micro = s * self.accum + m
+                if self.batched:
+                    yield micro * w + r
+                else:
+                    base = (micro * w + r) * self.batch
+                    yield list(range(base, base + self.batch))
+
+
+class _SignalGuard:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalGuard":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # second signal: the user insists
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: finishing this step, saving a checkpoint, then exiting",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for k in sorted(set(saved) | set(current)):
+        key = prefix + k
+        a, b = saved.get(k, "<missing>"), current.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, key + ".")
+        elif a != b and key not in RESUMABLE_CHANGES:
+            diffs.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+    return diffs
+
+
+class Trainer:
+    """Optimizer, schedule, AMP, DDP, checkpoints, logging, previews, evaluation."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        full_config: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        evaluator: Callable[[nn.Module, int], dict] | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        find_unused_parameters: bool = False,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.full_config = full_config
+        self.device = resolve_device(cfg.device)
+        self.dist, self.device = init_distributed(self.device, cfg.dist_timeout_s)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or build_optimizer(self.model, cfg)
+        self.scheduler = scheduler or build_scheduler(self.optimizer, cfg)
+        self.evaluator, self.best_metric, self.best_mode = evaluator, best_metric, best_mode
+        self.best: dict = {}
+        self.skipped_steps = 0
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
+            )
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state(self, step: int) -> dict:
+        return {
+            "metadata": {"kind": "alice3d-checkpoint"},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": step,
+            "skipped_steps": self.skipped_steps,
+            "best": self.best,
+            "config": to_dict(self.full_config) if self.full_config is not None else {},
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.dist.is_main:
+            atomic_save(self.state(step), self.ckpt_path)
+            log.info("checkpoint saved at step %d: %s", step, self.ckpt_path)
+        self._barrier()
+
+    def _load(self) -> int:
+        ckpt = load_checkpoint(self.ckpt_path, map_location=self.device, expect_kind="alice3d-checkpoint")
+        if self.full_config is not None:
+            diffs = config_differences(ckpt.get("config", {}), to_dict(self.full_config))
+            if diffs:
+                raise TrainingError(
+                    f"cannot resume from {self.ckpt_path}: it was written with a different config:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nUse the same config (only train.max_steps and logging/checkpoint intervals may change) or a new --out."
+                )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.best = dict(ckpt.get("best", {}))
+        return int(ckpt["step"])
+
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------- logging
+
+    def _prepare_metrics(self, start_step: int) -> None:
+        """Drop lines a killed run logged after its last checkpoint (they will be redone)."""
+        if not self.dist.is_main or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= start_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        self.metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    def log_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------- loop
+
+    def _loader(self, dataset: Dataset, start_step: int) -> DataLoader:
+        cfg = self.cfg
+        batched = bool(getattr(dataset, "yields_batches", False))
+        sampler = _StepBatches(start_step, cfg.max_steps, cfg.batch_size, cfg.grad_accum, self.dist, batched)
+        kw: dict = dict(num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        if cfg.num_workers > 0:
+            kw.update(prefetch_factor=4, persistent_workers=False)
+        # Its own generator, so creating the loader never consumes the global RNG.
+        kw["generator"] = torch.Generator().manual_seed(cfg.seed)
+        if batched:
+            return DataLoader(dataset, sampler=sampler, batch_size=None, **kw)
+        return DataLoader(dataset, batch_sampler=sampler, **kw)
+
+    def _autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def fit(self, dataset: Dataset, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = 0
+        if resume:
+            if not self.ckpt_path.exists():
+                raise TrainingError(f"--resume given but {self.ckpt_path} does not exist")
+            start = self._load()
+            log.info("resuming from step %d (%s)", start, self.ckpt_path)
+        elif self.ckpt_path.exists():
+            raise TrainingError(
+                f"{self.run_dir} already holds a run ({self.ckpt_path}); pass --resume to continue it "
+                "or choose another --out (nothing was overwritten)"
+            )
+        self._prepare_metrics(start)
+        result = TrainResult(step=start, skipped_steps=self.skipped_steps, best=self.best)
+        if start >= cfg.max_steps:
+            log.info("nothing to do: step %d >= train.max_steps=%d", start, cfg.max_steps)
+            return result
+
+        unwrapped = self.model
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, disable=None if self.dist.is_main else True,
+                   desc="train", dynamic_ncols=True, file=sys.stderr)
+        loader = iter(self._loader(dataset, start))
+        consecutive_bad = 0
+        t_last = time.perf_counter()
+        samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        last_batch = None
+        step = start
+        with _SignalGuard() as guard:
+            try:
+                for step in range(start, cfg.max_steps):
+                    torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
+                    self.train_model.train()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    terms: dict[str, torch.Tensor] = {}
+                    finite = True
+                    for micro in range(cfg.grad_accum):
+                        batch = move_to(next(loader), self.device)
+                        last_batch = batch
+                        sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
+                        ctx = nullcontext() if sync else self.train_model.no_sync()
+                        with ctx, self._autocast():
+                            out = self.train_model(batch)
+                        loss = out["loss"]
+                        (loss / cfg.grad_accum).backward()
+                        for k, v in out.items():
+                            if torch.is_tensor(v) and v.numel() == 1:
+                                terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                    params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+                    if cfg.grad_clip > 0:
+                        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    else:
+                        gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
+                    # One host sync per step: needed to decide whether to skip the update.
+                    finite = bool(torch.isfinite(terms["loss"]).item() and torch.isfinite(gnorm).item())
+                    if finite:
+                        self.optimizer.step()
+                        consecutive_bad = 0
+                    else:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.skipped_steps += 1
+                        consecutive_bad += 1
+                        log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); update skipped",
+                                    step, float(terms["loss"]), float(gnorm))
+                        if consecutive_bad >= cfg.max_bad_steps:
+                            raise TrainingError(
+                                f"{consecutive_bad} consecutive steps with a non-finite loss or gradient "
+                                f"(last at step {step}); stopping. The last good checkpoint is intact: "
+                                f"{self.ckpt_path if self.ckpt_path.exists() else 'none saved yet'}. "
+                                "Lower train.lr, check the data report, or raise train.max_bad_steps."
+                            )
+                    self.scheduler.step()
+                    if finite and hasattr(unwrapped, "update_target"):
+                        unwrapped.update_target(step + 1, cfg.max_steps)
+                    done = step + 1
+                    result.step = done
+
+                    if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
+                        now = time.perf_counter()
+                        record = {"step": done, "lr": self.optimizer.param_groups[0]["lr"]}
+                        record.update({k: float(v) for k, v in terms.items()})
+                        record.update({"grad_norm": float(gnorm), "skipped_steps": self.skipped_steps,
+                                       "step_time_s": (now - t_last) / max(1, cfg.log_every),
+                                       "samples_per_s": samples_per_step * max(1, cfg.log_every) / max(now - t_last, 1e-9)})
+                        t_last = now
+                        self.log_metrics(record)
+                        result.last_metrics = record
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.update(1)
+
+                    if cfg.preview_every and done % cfg.preview_every == 0:
+                        self.write_preview(unwrapped, batch, done)
+                    if self.evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+                        self.evaluate(done)
+                    # Only checkpoint after a good step, so "last good checkpoint" means what it says.
+                    if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and consecutive_bad == 0:
+                        self.save_checkpoint(done)
+                    if guard.received is not None:
+                        self.save_checkpoint(done)
+                        result.interrupted = True
+                        result.signal_name = signal.Signals(guard.received).name
+                        return result
+                if self.evaluator is not None:
+                    self.evaluate(result.step)
+                self.save_checkpoint(result.step)
+                if last_batch is not None:
+                    self.write_preview(unwrapped, last_batch, result.step)
+            finally:
+                bar.close()
+        result.skipped_steps = self.skipped_steps
+        result.best = self.best
+        return result
+
+    # ------------------------------------------------------------- hooks
+
+    def evaluate(self, step: int) -> dict:
+        metrics: dict = {}
+        if self.dist.is_main:
+            self.model.eval()
+            with torch.no_grad(), self._autocast():
+                metrics = self.evaluator(self.model, step) or {}
+            self.model.train()
+            self.log_metrics({"step": step, **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}})
+            if self.best_metric and self.best_metric in metrics:
+                value = float(metrics[self.best_metric])
+                old = self.best.get("value")
+                better = old is None or (value > old if self.best_mode == "max" else value < old)
+                if better and math.isfinite(value):
+                    self.best = {"metric": self.best_metric, "value": value, "step": step}
+                    meta = self.model.metadata() if hasattr(self.model, "metadata") else {}
+                    atomic_save({"metadata": {"kind": "alice3d-best", **meta}, "state_dict": self.model.state_dict(),
+                                 "step": step, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+                                self.run_dir / "best.pt")
+                    log.info("new best %s=%.4f at step %d", self.best_metric, value, step)
+        self._barrier()
+        return metrics
+
+    def write_preview(self, model: nn.Module, batch: Any, step: int) -> None:
+        if not self.dist.is_main or not hasattr(model, "preview"):
+            return
+        from alice3d.analysis.previews import save_volume_panels
+
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            panels = model.preview(batch)
+        model.train()
+        if panels:
+            save_volume_panels(panels, self.run_dir / "previews" / f"step_{step:07d}.png")
+

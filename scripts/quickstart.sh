@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv (if needed) and run the main job on the embedded default.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/scripts/setup_env.sh"
+cd "$root"
+exec .venv/bin/python -m alice3d.cli.pipeline "$@"
