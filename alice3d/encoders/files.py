@@ -5,7 +5,7 @@ Format (a plain dict, loadable with ``torch.load(path, weights_only=True)``)::
     {"state_dict": {...},                  # loads strict into UNETR.vit / SwinUNETR.swinViT / NNFormer.encoder
      "metadata": {"kind": "alice3d-encoder",
                   "arch": "vit" | "swin" | "nnformer",
-                  "arch_args": {...},       # constructor arguments of the encoder
+                  "arch_args": {...},       # the encoder's own metadata() (sizes) without "kind"
                   "crop_size": [...], "spacing": [...], "hu_window": [lo, hi],
                   "spatial_dims": 3, "in_channels": 1, "method": "alice", ...}}
 """
@@ -24,8 +24,18 @@ ENCODER_KIND = "alice3d-encoder"
 ARCHS = ("vit", "swin", "nnformer")
 
 
+def encoder_file_metadata(encoder_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Turn an encoder's ``metadata()`` (whose "kind" is its arch) into encoder.pt metadata."""
+    args = {k: v for k, v in encoder_meta.items() if k not in ("kind", "method")}
+    meta = {"arch": encoder_meta["kind"], "arch_args": args, **extra}
+    if "method" in encoder_meta:
+        meta.setdefault("method", encoder_meta["method"])
+    return meta
+
+
 def save_encoder(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    meta = {"kind": ENCODER_KIND, "alice3d_version": alice3d.__version__, **metadata}
+    """``metadata`` as built by :func:`encoder_file_metadata` (must have arch and arch_args)."""
+    meta = {"alice3d_version": alice3d.__version__, **metadata, "kind": ENCODER_KIND}
     if meta.get("arch") not in ARCHS:
         raise ValueError(f"encoder metadata 'arch' must be one of {ARCHS}, got {meta.get('arch')!r}")
     if "arch_args" not in meta:

@@ -1,0 +1,308 @@
+"""Alice: anatomical invariance modeling and semantic alignment (Jiang et al., ICCV 2023).
+
+Batch: `{"q": (B, C, *crop), "k": (B, C, *crop)}`, crops of the same body part in two volumes.
+
+    views    X_u^Q, X_r^K = random masking of Q, K (online branch sees visible tokens only)
+             X_w^Q, X_v^K = independent strong augmentations of Q, K, intact (target branch)
+    online   V = E_s(visible tokens); decoder(V + mask tokens) -> features F, pixels
+             H = phi(F) (all tokens); [cls] = mean over tokens of H
+    target   Y = psi(E_t(intact augmented view)), no gradient; [cls] = mean over tokens of Y
+    l_r  = masked_mse(Q) + masked_mse(K)                                     (Eq. 1)
+    l_dv = l_s([cls]_u^Q, [cls]_v^K) + l_s([cls]_r^K, [cls]_w^Q)              (Eq. 2)
+    S = CASA(V, H), T = CASA(V, Y) with the same q                          (Eq. 3-4)
+    l_st = l_s(S_u^Q, T_w^Q) + l_s(S_r^K, T_v^K)                             (Eq. 5)
+    loss = w_rec * l_r + w_inter * l_dv + w_intra * l_st
+
+Choices where the paper leaves room (one line each):
+- psi is the EMA of phi (as in DINO/iBOT and the public Alice code, where the teacher is the
+  EMA of every student parameter it shares); so that one head fits both the decoder output
+  (decoder_dim) and the encoder output (hidden_size), phi = head(Linear(decoder_dim -> hidden_size))
+  and psi = EMA(head); the Linear is the identity when the two widths agree.
+- The teacher side of CASA (T) uses the same CASA weights and the same q and is computed
+  without gradient, like every teacher output.
+- Each of the two terms of l_dv and l_st is one call of l_s; with "dino" each term has its own
+  DINOLoss (own centre), as iBOT does for its cls and patch losses.
+- use_casa=False (ablation) pairs the raw token features: H at token i of the masked view with
+  Y at token i of the augmented view, over all N tokens, i.e. exactly the misalignment that
+  CASA is meant to remove.
+- predictor_hidden_dim > 0 adds a BYOL predictor (LayerNorm MLP) on the student side of l_dv
+  and l_st; the paper has none (default 0), but without one the negative cosine can settle on
+  a constant head output, so watch `teacher_cls_std` (spread of the teacher [cls] over the batch,
+  scaled so that random unit vectors give about 1; it goes to 0 on collapse).
+- A loss weight of 0 removes the term and the modules only it needs (no target network when
+  w_inter = w_intra = 0, no CASA when w_intra = 0, no pixel head when w_rec = 0), so every
+  trainable parameter gets a gradient (DDP-safe); a removed term is reported as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from alice3d.config import ConfigError
+from alice3d.core.ema import cosine_momentum, ema_update, make_target
+from alice3d.core.heads import PredictorMLP, ProjectionHead
+from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine
+from alice3d.core.masking import random_masking
+from alice3d.core.patches import patchify
+from alice3d.methods.casa import CASA
+from alice3d.methods.decoder import MAEDecoder
+from alice3d.methods.mae import build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+from alice3d.methods.views import AliceViews, StrongAugConfig, make_alice_views, strong_augment
+
+__all__ = ["AliceConfig", "Alice"]
+
+SIMILARITIES = ("cosine", "infonce", "dino")
+
+
+@dataclass
+class AliceConfig:
+    """Alice model. Defaults follow the paper (ViT-B, crop 192x192x64, mask 0.75, negative cosine)."""
+
+    encoder: str = "vit_b"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: tuple[int, ...] = (192, 192, 64)  # crop size of Q and K
+    patch_size: int = 16
+    spatial_dims: int = 3
+    in_channels: int = 1
+    mask_ratio: float = 0.75
+    decoder_dim: int = 384  # divisible by 2 * spatial_dims (sin-cos) and by decoder_heads
+    decoder_depth: int = 8
+    decoder_heads: int = 12
+    head_out_dim: int = 256
+    head_hidden_dim: int = 512
+    head_bottleneck_dim: int = 128
+    head_layers: int = 3
+    casa_heads: int = 1
+    predictor_hidden_dim: int = 0  # > 0: BYOL predictor on the student side (not in the paper)
+    similarity: Literal["cosine", "infonce", "dino"] = "cosine"
+    temperature: float = 0.2  # InfoNCE
+    dino_student_temp: float = 0.1
+    dino_teacher_temp: float = 0.04
+    w_rec: float = 1.0
+    w_inter: float = 1.0
+    w_intra: float = 1.0
+    use_casa: bool = True
+    norm_pix: bool = True
+    ema_base: float = 0.996
+    ema_final: float = 1.0
+    pos_embed_trainable: bool = True
+    use_flash_attention: bool = False
+    grad_checkpointing: bool = False
+    aug: StrongAugConfig = field(default_factory=StrongAugConfig)
+
+    def validate(self, prefix: str = "model") -> None:
+        validate_backbone(self, prefix)
+        if self.similarity not in SIMILARITIES:
+            raise ConfigError(f"{prefix}.similarity: expected one of {list(SIMILARITIES)}, got {self.similarity!r}")
+        weights = {"w_rec": self.w_rec, "w_inter": self.w_inter, "w_intra": self.w_intra}
+        for name, w in weights.items():
+            if w < 0 or not math.isfinite(w):
+                raise ConfigError(f"{prefix}.{name}: expected a finite weight >= 0, got {w}")
+        if not any(weights.values()):
+            raise ConfigError(f"{prefix}: w_rec, w_inter and w_intra are all 0; at least one loss term must be on")
+        if not 0.0 <= self.ema_base <= self.ema_final <= 1.0:
+            raise ConfigError(
+                f"{prefix}.ema_base / ema_final: expected 0 <= base <= final <= 1, got {self.ema_base}, {self.ema_final}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: expected > 0, got {self.temperature}")
+        if self.predictor_hidden_dim < 0:
+            raise ConfigError(f"{prefix}.predictor_hidden_dim: expected >= 0 (0 = none), got {self.predictor_hidden_dim}")
+        if self.head_out_dim % self.casa_heads:
+            raise ConfigError(
+                f"{prefix}.casa_heads: head_out_dim={self.head_out_dim} must be divisible by casa_heads={self.casa_heads}"
+            )
+        try:
+            self.aug.validate(prefix + ".aug")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+class Alice(nn.Module):
+    """Online encoder + decoder + phi (+ CASA), EMA target encoder + psi; see the module docstring."""
+
+    def __init__(self, cfg: AliceConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or AliceConfig()
+        cfg.validate()
+        encoder = build_encoder(cfg)
+        dim = encoder.hidden_size
+        self.use_target = cfg.w_inter > 0 or cfg.w_intra > 0
+        online: dict[str, nn.Module] = {"encoder": encoder}
+        if self.use_target:
+            online["head"] = ProjectionHead(
+                dim, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers
+            )
+        # Everything in `online` has a twin in `target` updated by EMA; nothing else does.
+        self.online = nn.ModuleDict(online)
+        self.decoder = MAEDecoder(
+            num_tokens=encoder.num_tokens,
+            grid=encoder.grid,
+            encoder_dim=dim,
+            decoder_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            out_dim=math.prod(encoder.patch_size) * cfg.in_channels if cfg.w_rec > 0 else 0,
+            use_flash_attention=cfg.use_flash_attention,
+        )
+        self.dec_proj: nn.Module | None = None
+        self.casa: CASA | None = None
+        self.target: nn.ModuleDict | None = None
+        self.dino: nn.ModuleDict | None = None
+        self.predictors: nn.ModuleDict | None = None
+        if self.use_target:
+            self.dec_proj = nn.Identity() if cfg.decoder_dim == dim else nn.Linear(cfg.decoder_dim, dim)
+            if cfg.w_intra > 0 and cfg.use_casa:
+                self.casa = CASA(query_dim=dim, kv_dim=cfg.head_out_dim, num_heads=cfg.casa_heads)
+            self.target = make_target(self.online)
+            self.target.eval()
+            terms = [t for t, w in (("inter", cfg.w_inter), ("intra", cfg.w_intra)) if w > 0]
+            if cfg.predictor_hidden_dim > 0:
+                out_dim = cfg.head_out_dim
+                self.predictors = nn.ModuleDict(
+                    {t: PredictorMLP(out_dim, cfg.predictor_hidden_dim, out_dim, norm="ln") for t in terms}
+                )
+            if cfg.similarity == "dino":
+                self.dino = nn.ModuleDict(
+                    {
+                        t: DINOLoss(
+                            cfg.head_out_dim,
+                            student_temp=cfg.dino_student_temp,
+                            teacher_temp=cfg.dino_teacher_temp,
+                            warmup_teacher_temp=cfg.dino_teacher_temp,
+                        )
+                        for t in terms
+                    }
+                )
+        self.last_momentum = cfg.ema_base
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The online encoder E_s (the one that is kept after pretraining)."""
+        return self.online["encoder"]
+
+    def train(self, mode: bool = True) -> Alice:
+        super().train(mode)
+        if self.target is not None:
+            self.target.eval()  # the teacher never runs in training mode
+        return self
+
+    # ------------------------------------------------------------------ views and losses
+
+    def crops(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch["q"]`, `batch["k"]` checked to be `(B, C, *img_size)` floats of equal shape."""
+        q = check_images(batch, "q", self.encoder)
+        k = check_images(batch, "k", self.encoder)
+        if q.shape != k.shape:
+            raise ValueError(f"batch: 'q' {tuple(q.shape)} and 'k' {tuple(k.shape)} must have the same shape")
+        return q, k
+
+    def make_views(self, batch: dict) -> AliceViews:
+        q, k = self.crops(batch)
+        return make_alice_views(q, k, self.encoder.num_tokens, self.cfg.mask_ratio, self.cfg.aug)
+
+    def similarity(self, student: torch.Tensor, teacher: torch.Tensor, term: str) -> torch.Tensor:
+        """l_s between student `(B, D)` / `(B, N, D)` and teacher of the same shape (teacher: no grad)."""
+        if self.predictors is not None:
+            student = self.predictors[term](student)
+        kind = self.cfg.similarity
+        if kind == "cosine":
+            return negative_cosine(student, teacher)
+        if kind == "infonce":
+            # Negatives: the other crops of the batch (gathered over ranks for the global term).
+            return info_nce(student, teacher.detach(), self.cfg.temperature, gather=term == "inter")
+        return self.dino[term](student, teacher)  # constant teacher temperature
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.forward_views(self.make_views(batch))
+
+    def forward_views(self, views: AliceViews) -> dict[str, torch.Tensor]:
+        """Losses for prepared views; `forward(batch)` = `forward_views(make_views(batch))`."""
+        cfg = self.cfg
+        b = views.batch
+        masking = views.masking
+        latent = self.encoder(views.images, ids_keep=masking.ids_keep)  # V: (2B, N_m, D)
+        features, pred = self.decoder(latent, masking.ids_restore)  # (2B, N, Dd), (2B, N, P)
+        zero = latent.new_zeros((), dtype=torch.float32)
+        out: dict[str, torch.Tensor] = {}
+        loss_rec = loss_inter = loss_intra = zero
+
+        if pred is not None:
+            target_pix = patchify(views.images, self.encoder.patch_size)
+            rec_q = masked_mse(pred[:b], target_pix[:b], masking.mask[:b], norm_pix=cfg.norm_pix)
+            rec_k = masked_mse(pred[b:], target_pix[b:], masking.mask[b:], norm_pix=cfg.norm_pix)
+            loss_rec = rec_q + rec_k
+            out.update(rec_q=rec_q.detach(), rec_k=rec_k.detach())
+
+        if self.target is not None:
+            with torch.no_grad():
+                y = self.target["head"](self.target["encoder"](views.augmented))  # Y: (2B, N, Dh)
+            h = self.online["head"](self.dec_proj(features))  # H: (2B, N, Dh)
+            if cfg.w_inter > 0:
+                cls_s, cls_t = h.mean(dim=1), y.mean(dim=1)
+                # Cross-volume pairing: masked Q vs intact K, masked K vs intact Q.
+                loss_inter = self.similarity(cls_s[:b], cls_t[b:], "inter") + self.similarity(
+                    cls_s[b:], cls_t[:b], "inter"
+                )
+                paired_t = torch.cat([cls_t[b:], cls_t[:b]])
+                out["inter_cos"] = F.cosine_similarity(cls_s.detach().float(), paired_t.float(), dim=-1).mean()
+                out["teacher_cls_std"] = F.normalize(cls_t.float(), dim=-1).std(dim=0).mean() * math.sqrt(cls_t.shape[-1])
+            if cfg.w_intra > 0:
+                if self.casa is not None:
+                    query = self.casa.query(latent)
+                    s = self.casa.attend(query, h)  # S: (2B, N_m, Dh)
+                    with torch.no_grad():
+                        t = self.casa.attend(query, y)  # T: same q, teacher keys/values
+                else:
+                    s, t = h, y
+                # Within each volume only: S_u^Q with T_w^Q, S_r^K with T_v^K.
+                loss_intra = self.similarity(s[:b], t[:b], "intra") + self.similarity(s[b:], t[b:], "intra")
+                out["intra_cos"] = F.cosine_similarity(s.detach().float(), t.float(), dim=-1).mean()
+
+        loss = cfg.w_rec * loss_rec + cfg.w_inter * loss_inter + cfg.w_intra * loss_intra
+        out.update(
+            loss=loss,
+            loss_rec=loss_rec.detach(),
+            loss_inter=loss_inter.detach(),
+            loss_intra=loss_intra.detach(),
+            ema_momentum=zero.new_tensor(self.last_momentum),
+        )
+        return out
+
+    # ------------------------------------------------------------------ trainer hooks
+
+    @torch.no_grad()
+    def update_target(self, step: int, max_steps: int) -> float | None:
+        """EMA step after an optimizer step: target <- m * target + (1 - m) * online, cosine m."""
+        if self.target is None:
+            return None
+        m = cosine_momentum(step, max_steps, self.cfg.ema_base, self.cfg.ema_final)
+        ema_update(self.target, self.online, m)
+        self.last_momentum = m
+        return m
+
+    def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Online encoder weights (keys load strict into UNETR(...).vit) and their metadata."""
+        return encoder_export(self.encoder, "alice")
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, np.ndarray]:
+        """First sample, channel 0: query input / masked / reconstruction, its augmented view, key."""
+        q, k = self.crops(batch)
+        q, k = q[:1], k[:1]
+        masking = random_masking(1, self.encoder.num_tokens, self.cfg.mask_ratio, device=q.device)
+        latent = self.encoder(q, ids_keep=masking.ids_keep)
+        pred = self.decoder(latent, masking.ids_restore)[1]
+        panels = reconstruction_panels(q, masking, pred, self.encoder.patch_size, self.cfg.norm_pix)
+        panels["augmented"] = strong_augment(q, self.cfg.aug)[0, 0].float().cpu().numpy()
+        panels["key"] = k[0, 0].float().cpu().numpy()
+        return panels
