@@ -1,0 +1,103 @@
+"""The in-memory volume set that pretraining samples from.
+
+Each volume is read once, checked, turned to RAS, resampled to the run's spacing and
+its intensities windowed to [0, 1]; the loader then only hands out cached volumes and
+sampled points, never re-reads files. Bad cases are reported up front (``on_bad_data``:
+``skip`` quarantines them and lists them, ``fail`` stops before training starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolumeSet:
+    volumes: list[Volume]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.volumes)} volumes usable, {len(self.bad)} quarantined"]
+        lines += [f"  {p}: {r}" for p, r in self.bad]
+        return "\n".join(lines)
+
+
+def resolve_image_paths(data: str, phantom_n: int = 16, phantom_seed: int = 0, key: str = "training") -> list[str]:
+    """Image paths of a datalist JSON, a folder, or (``data == ""``) the embedded phantom cohort."""
+    from alice3d.data.datalists import load_datalist
+
+    if not data:
+        from alice3d.data.phantom import default_cohort
+
+        root = default_cohort(n=phantom_n, seed=phantom_seed)
+        entries = load_datalist(root / "dataset_0.json", key="training")
+        try:
+            entries += load_datalist(root / "dataset_0.json", key="validation")
+        except DataError:
+            pass
+    else:
+        entries = load_datalist(data, key=key)
+    return [str(e["image"]) if isinstance(e, dict) else str(e) for e in entries]
+
+
+def normalize_hu(array: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    lo, hi = float(window[0]), float(window[1])
+    return np.clip((array - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[float],
+                   min_shape: Sequence[int] | None = None) -> Volume:
+    """Load, check, RAS, resample, window. Raises DataError naming the file."""
+    vol = load_volume(path, reject_constant=True)
+    vol = resample_to_spacing(reorient_to_ras(vol), spacing)
+    if min_shape is not None and any(s < m for s, m in zip(vol.shape, min_shape)):
+        raise DataError(
+            f"{path}: volume is {vol.shape} voxels at {tuple(spacing)} mm, smaller than the crop "
+            f"{tuple(min_shape)}; use a smaller crop or a finer data.spacing"
+        )
+    return replace(vol, array=normalize_hu(vol.array, hu_window))
+
+
+def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float],
+                    on_bad_data: str = "skip", min_shape: Sequence[int] | None = None,
+                    min_volumes: int = 1, workers: int | None = None) -> VolumeSet:
+    if on_bad_data not in ("skip", "fail"):
+        raise ValueError(f"data.on_bad_data: expected 'skip' or 'fail', got {on_bad_data!r}")
+    if not paths:
+        raise DataError("no volumes found in the data given (empty datalist or folder)")
+
+    def one(p: str) -> Volume | tuple[str, str]:
+        try:
+            return prepare_volume(p, spacing, hu_window, min_shape)
+        except DataError as e:
+            return (p, str(e).removeprefix(f"{p}: "))
+
+    workers = workers or min(4, os.cpu_count() or 1, len(paths))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(one, paths))
+    vols = [r for r in results if isinstance(r, Volume)]
+    bad = [r for r in results if not isinstance(r, Volume)]
+    for p, reason in bad:
+        log.warning("bad volume %s: %s", p, reason)
+    if bad and on_bad_data == "fail":
+        listing = "\n  ".join(f"{p}: {r}" for p, r in bad)
+        raise DataError(f"{len(bad)} bad volume(s) (data.on_bad_data=fail, nothing was trained):\n  {listing}")
+    if len(vols) < min_volumes:
+        raise DataError(
+            f"only {len(vols)} usable volume(s) of {len(paths)}; at least {min_volumes} needed"
+            + (f" ({len(bad)} quarantined: " + "; ".join(f"{Path(p).name}: {r}" for p, r in bad) + ")" if bad else "")
+        )
+    if bad:
+        log.warning("%d of %d volumes quarantined for this run (data.on_bad_data=skip)", len(bad), len(paths))
+    return VolumeSet(vols, bad)
