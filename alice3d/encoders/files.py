@@ -4,7 +4,7 @@ Format (a plain dict, loadable with ``torch.load(path, weights_only=True)``)::
 
     {"state_dict": {...},                  # loads strict into UNETR.vit / SwinUNETR.swinViT / NNFormer.encoder
      "metadata": {"kind": "alice3d-encoder",
-                  "arch": "vit" | "swin" | "nnformer",
+                  "arch": "vit" | "swin" | "nnformer" | "resnet",
                   "arch_args": {...},       # the encoder's own metadata() (sizes) without "kind"
                   "crop_size": [...], "spacing": [...], "hu_window": [lo, hi],
                   "spatial_dims": 3, "in_channels": 1, "method": "alice", ...}}
@@ -21,7 +21,7 @@ import alice3d
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 ENCODER_KIND = "alice3d-encoder"
-ARCHS = ("vit", "swin", "nnformer")
+ARCHS = ("vit", "swin", "nnformer", "resnet")
 
 
 def encoder_file_metadata(encoder_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,272 @@
+"""R-MAE and C-MAE: siamese forms of MAE (Kong & Zhang, CVPR 2023), in 2D and 3D.
+
+MIM as contrastive learning with occlusion as the transformation.
+
+R-MAE (relaxed MAE): the masked view (visible set V) and the complementary view (visible set
+= the masked set M of the first) are each encoded and decoded to all patches. On M the
+masked view's reconstruction is matched to the complementary view's (stop-gradient by
+default: the pixel target of MAE is replaced by the other branch), and an autoencoding
+constraint ties the complementary view's reconstruction of its own visible patches (M) to
+the norm-pix pixels. Loss = loss_match + ae_weight * loss_ae.
+
+C-MAE (contrastive MAE): two intensity-jittered views with independent masks; the encoder
+replaces masked patches by a learnable mask token and keeps every token; token-wise
+InfoNCE between the online projector+predictor output of one view and the EMA teacher's
+projector output of the other (same patch = positive, all other tokens = negatives),
+symmetrised. Batch for both: `{"image": (B, C, *img_size)}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from alice3d.config import ConfigError
+from alice3d.core.ema import cosine_momentum, ema_update, make_target
+from alice3d.core.heads import PredictorMLP
+from alice3d.core.losses import info_nce, masked_mse
+from alice3d.core.masking import MaskInfo, gather_tokens, mask_to_image, masking_from_mask, random_masking
+from alice3d.core.patches import patchify
+from alice3d.methods.convmim import intensity_jitter
+from alice3d.methods.decoder import MAEDecoder
+from alice3d.methods.mae import MAEConfig, build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+
+__all__ = ["RMAEConfig", "RMAE", "CMAEConfig", "CMAE", "complement"]
+
+
+def complement(masking: MaskInfo) -> MaskInfo:
+    """The complementary view: its visible set is `masking`'s masked set and vice versa."""
+    return masking_from_mask(~masking.mask)
+
+
+# --------------------------------------------------------------------------- R-MAE
+
+
+@dataclass
+class RMAEConfig:
+    """R-MAE pretraining model (MAE's backbone fields plus the siamese loss weights)."""
+
+    encoder: str = "vit_b"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: tuple[int, ...] = (96, 96, 96)
+    patch_size: int = 16
+    spatial_dims: int = 3
+    in_channels: int = 1
+    mask_ratio: float = 0.75
+    decoder_dim: int = 384
+    decoder_depth: int = 8
+    decoder_heads: int = 12
+    ae_weight: float = 1.0  # lambda of the autoencoding constraint
+    stop_grad_target: bool = True  # the complementary branch learns from the AE term only
+    norm_pix: bool = True
+    pos_embed_trainable: bool = False
+    use_flash_attention: bool = False
+    grad_checkpointing: bool = False
+
+    def validate(self, prefix: str = "model") -> None:
+        validate_backbone(self, prefix)
+        if self.ae_weight < 0:
+            raise ConfigError(f"{prefix}.ae_weight: expected >= 0, got {self.ae_weight}")
+
+
+class RMAE(nn.Module):
+    """`forward(batch)` -> `{"loss", "loss_match", "loss_ae", "loss_rec"}` (loss_rec: MAE's loss, a diagnostic)."""
+
+    def __init__(self, cfg: RMAEConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or RMAEConfig()
+        cfg.validate()
+        self.encoder = build_encoder(cfg)
+        self.decoder = MAEDecoder(
+            num_tokens=self.encoder.num_tokens,
+            grid=self.encoder.grid,
+            encoder_dim=self.encoder.hidden_size,
+            decoder_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            out_dim=math.prod(self.encoder.patch_size) * cfg.in_channels,
+            use_flash_attention=cfg.use_flash_attention,
+        )
+
+    def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
+        """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from `masking.ids_keep`."""
+        return self.decoder(self.encoder(x, ids_keep=masking.ids_keep), masking.ids_restore)[1]
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = check_images(batch, "image", self.encoder)
+        masking = random_masking(x.shape[0], self.encoder.num_tokens, self.cfg.mask_ratio, device=x.device)
+        pred = self.reconstruct(x, masking)
+        pred_comp = self.reconstruct(x, complement(masking))
+        target = pred_comp.detach() if self.cfg.stop_grad_target else pred_comp
+        loss_match = masked_mse(pred, target, masking.mask, norm_pix=False)
+        pixels = patchify(x, self.encoder.patch_size)
+        # The complementary view sees exactly the patches `masking` hides: autoencode those.
+        loss_ae = masked_mse(pred_comp, pixels, masking.mask, norm_pix=self.cfg.norm_pix)
+        with torch.no_grad():
+            loss_rec = masked_mse(pred, pixels, masking.mask, norm_pix=self.cfg.norm_pix)
+        return {
+            "loss": loss_match + self.cfg.ae_weight * loss_ae,
+            "loss_match": loss_match.detach(),
+            "loss_ae": loss_ae.detach(),
+            "loss_rec": loss_rec.detach(),
+        }
+
+    def update_target(self, step: int, max_steps: int) -> None:
+        """R-MAE has no target network."""
+        return None
+
+    def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return encoder_export(self.encoder, "rmae")
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, np.ndarray]:
+        x = check_images(batch, "image", self.encoder)[:1]
+        masking = random_masking(1, self.encoder.num_tokens, self.cfg.mask_ratio, device=x.device)
+        panels = reconstruction_panels(x, masking, self.reconstruct(x, masking), self.encoder.patch_size, self.cfg.norm_pix)
+        comp = complement(masking)
+        other = reconstruction_panels(x, comp, self.reconstruct(x, comp), self.encoder.patch_size, self.cfg.norm_pix)
+        panels["complement_masked"] = other["masked"]
+        panels["complement_reconstruction"] = other["reconstruction"]
+        return panels
+
+
+# --------------------------------------------------------------------------- C-MAE
+
+
+@dataclass
+class CMAEConfig:
+    """C-MAE pretraining model."""
+
+    encoder: str = "vit_b"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: tuple[int, ...] = (96, 96, 96)
+    patch_size: int = 16
+    spatial_dims: int = 3
+    in_channels: int = 1
+    mask_ratio: float = 0.75
+    proj_hidden_dim: int = 1024
+    proj_dim: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.996  # EMA teacher, cosine schedule to 1
+    jitter_scale: float = 0.2  # intensity jitter per view (the colour jitter of 2D images)
+    jitter_shift: float = 0.1
+    loss_tokens: int = 0  # token positions per image entering the loss; 0 = all
+    gather_negatives: bool = False  # also take negatives from other ranks
+    pos_embed_trainable: bool = False
+    use_flash_attention: bool = False
+    grad_checkpointing: bool = False
+
+    def validate(self, prefix: str = "model") -> None:
+        # C-MAE has no decoder: check the shared backbone fields through a MAEConfig with them.
+        shared = {f.name: getattr(self, f.name) for f in fields(MAEConfig) if hasattr(self, f.name)}
+        validate_backbone(MAEConfig(**shared), prefix)
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature: expected > 0, got {self.temperature}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"{prefix}.momentum: expected a value in [0, 1], got {self.momentum}")
+        if self.jitter_scale < 0 or self.jitter_shift < 0:
+            raise ConfigError(f"{prefix}.jitter_scale / jitter_shift: expected >= 0")
+        if self.loss_tokens < 0:
+            raise ConfigError(f"{prefix}.loss_tokens: expected >= 0, got {self.loss_tokens}")
+
+
+class _TokenBranch(nn.Module):
+    """Encoder with a learnable mask token (dense forward) + projector: `(B, C, *S)`, mask `(B, L)` -> `(B, L, P)`."""
+
+    def __init__(self, cfg: CMAEConfig) -> None:
+        super().__init__()
+        self.encoder = build_encoder(cfg)
+        dim = self.encoder.hidden_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.projector = PredictorMLP(dim, cfg.proj_hidden_dim, cfg.proj_dim, norm="bn")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x, mask=mask, mask_token=self.mask_token))
+
+
+class CMAE(nn.Module):
+    """`forward(batch)` -> `{"loss", "loss_con", "token_acc"}` (token_acc: top-1 of the positive among all keys)."""
+
+    def __init__(self, cfg: CMAEConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or CMAEConfig()
+        cfg.validate()
+        self.online = _TokenBranch(cfg)
+        self.predictor = PredictorMLP(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim, norm="bn")
+        self.target = make_target(self.online)
+        self.momentum = cfg.momentum
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.online.encoder
+
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MaskInfo, MaskInfo]:
+        """Two jittered copies of `x` and two independent masks."""
+        b, n = x.shape[0], self.encoder.num_tokens
+        v1 = intensity_jitter(x, self.cfg.jitter_scale, self.cfg.jitter_shift)
+        v2 = intensity_jitter(x, self.cfg.jitter_scale, self.cfg.jitter_shift)
+        m1 = random_masking(b, n, self.cfg.mask_ratio, device=x.device)
+        m2 = random_masking(b, n, self.cfg.mask_ratio, device=x.device)
+        return v1, v2, m1, m2
+
+    def _loss(self, p: torch.Tensor, z: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids is not None:
+            p, z = gather_tokens(p, ids), gather_tokens(z, ids)
+        loss = info_nce(p, z.detach(), self.cfg.temperature, gather=self.cfg.gather_negatives)
+        with torch.no_grad():
+            q = F.normalize(p.reshape(-1, p.shape[-1]).float(), dim=-1)
+            k = F.normalize(z.reshape(-1, z.shape[-1]).float(), dim=-1)
+            acc = ((q @ k.t()).argmax(1) == torch.arange(q.shape[0], device=q.device)).float().mean()
+        return loss, acc
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        x = check_images(batch, "image", self.encoder)
+        v1, v2, m1, m2 = self.views(x)
+        p1 = self.predictor(self.online(v1, m1.mask))
+        p2 = self.predictor(self.online(v2, m2.mask))
+        with torch.no_grad():
+            z1 = self.target(v1, m1.mask)
+            z2 = self.target(v2, m2.mask)
+        ids = None
+        n = self.encoder.num_tokens
+        if 0 < self.cfg.loss_tokens < n:
+            ids = torch.rand(x.shape[0], n, device=x.device).argsort(1)[:, : self.cfg.loss_tokens]
+        l12, a12 = self._loss(p1, z2, ids)
+        l21, a21 = self._loss(p2, z1, ids)
+        loss = 0.5 * (l12 + l21)
+        return {"loss": loss, "loss_con": loss.detach(), "token_acc": 0.5 * (a12 + a21)}
+
+    @torch.no_grad()
+    def update_target(self, step: int, max_steps: int) -> None:
+        self.momentum = cosine_momentum(step, max(max_steps, 1), base=self.cfg.momentum, final=1.0)
+        ema_update(self.target, self.online, self.momentum)
+
+    def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return encoder_export(self.online.encoder, "cmae")
+
+    @torch.no_grad()
+    def preview(self, batch: dict) -> dict[str, np.ndarray]:
+        """Both masked views and the per-patch cosine between view 1's prediction and view 2's target."""
+        x = check_images(batch, "image", self.encoder)[:2]
+        v1, v2, m1, m2 = self.views(x)
+        p1 = F.normalize(self.predictor(self.online(v1, m1.mask)).float(), dim=-1)
+        z2 = F.normalize(self.target(v2, m2.mask).float(), dim=-1)
+        grid, patch = self.encoder.grid, self.encoder.patch_size
+        cos = (p1 * z2).sum(-1)[:1]  # (1, L)
+        cos_img = cos.reshape(1, *grid)
+        for axis, p in enumerate(patch):
+            cos_img = cos_img.repeat_interleave(p, dim=1 + axis)
+        panels = {
+            "input": x[:1, 0],
+            "view1_masked": (v1 * (1 - mask_to_image(m1.mask, grid, patch).to(x.dtype)))[:1, 0],
+            "view2_masked": (v2 * (1 - mask_to_image(m2.mask, grid, patch).to(x.dtype)))[:1, 0],
+            "token_cosine": cos_img,
+        }
+        return {k: v[0].float().cpu().numpy().astype(np.float32) for k, v in panels.items()}
