@@ -37,6 +37,8 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 1e-4
     min_lr: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 10
