@@ -69,18 +69,23 @@ def num_masked(num_tokens: int, ratio: float) -> int:
     return max(0, min(int(math.floor(num_tokens * ratio + 0.5)), num_tokens - 1))
 
 
-def masking_from_mask(mask: torch.Tensor) -> MaskInfo:
-    """Build a MaskInfo from a `(B, L)` bool mask with the same number of True per row."""
+def masking_from_mask(mask: torch.Tensor, n_mask: int | None = None) -> MaskInfo:
+    """Build a MaskInfo from a `(B, L)` bool mask with the same number of True per row.
+
+    Pass `n_mask` when the count is known by construction: that skips the check, which
+    needs two host-device syncs (and breaks torch.compile graphs) inside a training step.
+    """
     if mask.ndim != 2:
         raise ValueError(f"masking_from_mask: expected mask (B, L), got shape {tuple(mask.shape)}")
     mask = mask.bool()
     b, length = mask.shape
-    counts = mask.sum(1)
-    if b and not bool((counts == counts[0]).all()):
-        raise ValueError(
-            f"masking_from_mask: every row must mask the same number of tokens, got counts {counts.tolist()}"
-        )
-    n_mask = int(counts[0]) if b else 0
+    if n_mask is None:
+        counts = mask.sum(1)
+        if b and not bool((counts == counts[0]).all()):
+            raise ValueError(
+                f"masking_from_mask: every row must mask the same number of tokens, got counts {counts.tolist()}"
+            )
+        n_mask = int(counts[0]) if b else 0
     # Stable sort of 0 (visible) before 1 (masked) keeps both groups in ascending index order.
     ids_shuffle = torch.argsort(mask.to(torch.int32), dim=1, stable=True)
     ids_restore = torch.empty_like(ids_shuffle)
@@ -105,7 +110,9 @@ def mask_from_ids(ids_masked: torch.Tensor, num_tokens: int) -> MaskInfo:
     if ids_masked.ndim != 2:
         raise ValueError(f"mask_from_ids: expected ids_masked (B, K), got shape {tuple(ids_masked.shape)}")
     mask = torch.zeros(ids_masked.shape[0], num_tokens, dtype=torch.bool, device=ids_masked.device)
-    return masking_from_mask(mask.scatter_(1, ids_masked.long(), True))
+    mask.scatter_(1, ids_masked.long(), True)
+    # Duplicate ids would make the count smaller than K; only check where that can happen cheaply.
+    return masking_from_mask(mask, None if ids_masked.device.type == "cpu" else ids_masked.shape[1])
 
 
 def random_masking(
@@ -119,7 +126,8 @@ def random_masking(
     n_mask = num_masked(num_tokens, ratio)
     noise = _rand((batch, num_tokens), device, generator)
     ids_masked = torch.argsort(noise, dim=1)[:, num_tokens - n_mask :]
-    return mask_from_ids(ids_masked, num_tokens)
+    mask = torch.zeros(batch, num_tokens, dtype=torch.bool, device=noise.device).scatter_(1, ids_masked, True)
+    return masking_from_mask(mask, n_mask)  # distinct by construction: no check, no sync
 
 
 def _box_sizes(area: float, grid: Sequence[int], log_aspect: tuple[float, float], rng: random.Random) -> list[int]:

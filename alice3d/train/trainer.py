@@ -172,6 +172,9 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
             )
+        if cfg.compile:
+            # Compiles the step's forward; hooks (EMA, previews) stay on the eager module.
+            self.train_model = torch.compile(self.train_model)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
