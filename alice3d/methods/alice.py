@@ -29,6 +29,10 @@ Choices where the paper leaves room (one line each):
   and l_st; the paper has none (default 0), but without one the negative cosine can settle on
   a constant head output, so watch `teacher_cls_std` (spread of the teacher [cls] over the batch,
   scaled so that random unit vectors give about 1; it goes to 0 on collapse).
+- Backbones (`encoder`): vit_* (tokens = patches), swin_* (tokens = the last stage, one per
+  32^3-voxel unit) and nnformer* (tokens = the last stage, one per total-stride unit), behind
+  the adapters of `alice3d.methods.backbones`; the masking and norm-pix reconstruction unit is
+  the token's footprint, so the pixel head predicts prod(unit) * in_channels values per token.
 - A loss weight of 0 removes the term and the modules only it needs (no target network when
   w_inter = w_intra = 0, no CASA when w_intra = 0, no pixel head when w_rec = 0), so every
   trainable parameter gets a gradient (DDP-safe); a removed term is reported as 0.
@@ -51,9 +55,10 @@ from alice3d.core.heads import PredictorMLP, ProjectionHead
 from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine
 from alice3d.core.masking import random_masking
 from alice3d.core.patches import patchify
+from alice3d.methods.backbones import build_backbone, validate_backbone_config
 from alice3d.methods.casa import CASA
 from alice3d.methods.decoder import MAEDecoder
-from alice3d.methods.mae import build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+from alice3d.methods.mae import check_images, encoder_export, reconstruction_panels
 from alice3d.methods.views import AliceViews, StrongAugConfig, make_alice_views, strong_augment
 
 __all__ = ["AliceConfig", "Alice"]
@@ -65,10 +70,10 @@ SIMILARITIES = ("cosine", "infonce", "dino")
 class AliceConfig:
     """Alice model. Defaults follow the paper (ViT-B, crop 192x192x64, mask 0.75, negative cosine)."""
 
-    encoder: str = "vit_b"
+    encoder: str = "vit_b"  # a preset of vit_configs, swin_configs or nnformer_configs
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: tuple[int, ...] = (192, 192, 64)  # crop size of Q and K
-    patch_size: int = 16
+    patch_size: int = 16  # ViT only; Swin / nnFormer units follow from the encoder (encoder_kwargs)
     spatial_dims: int = 3
     in_channels: int = 1
     mask_ratio: float = 0.75
@@ -98,7 +103,7 @@ class AliceConfig:
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
 
     def validate(self, prefix: str = "model") -> None:
-        validate_backbone(self, prefix)
+        validate_backbone_config(self, prefix)
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"{prefix}.similarity: expected one of {list(SIMILARITIES)}, got {self.similarity!r}")
         weights = {"w_rec": self.w_rec, "w_inter": self.w_inter, "w_intra": self.w_intra}
@@ -132,7 +137,7 @@ class Alice(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or AliceConfig()
         cfg.validate()
-        encoder = build_encoder(cfg)
+        encoder = build_backbone(cfg)
         dim = encoder.hidden_size
         self.use_target = cfg.w_inter > 0 or cfg.w_intra > 0
         online: dict[str, nn.Module] = {"encoder": encoder}
@@ -185,7 +190,7 @@ class Alice(nn.Module):
 
     @property
     def encoder(self) -> nn.Module:
-        """The online encoder E_s (the one that is kept after pretraining)."""
+        """The online encoder E_s (the one that is kept after pretraining), as a backbone adapter."""
         return self.online["encoder"]
 
     def train(self, mode: bool = True) -> Alice:
@@ -230,7 +235,7 @@ class Alice(nn.Module):
         cfg = self.cfg
         b = views.batch
         masking = views.masking
-        latent = self.encoder(views.images, ids_keep=masking.ids_keep)  # V: (2B, N_m, D)
+        latent = self.encoder.encode_visible(views.images, masking)  # V: (2B, N_m, D)
         features, pred = self.decoder(latent, masking.ids_restore)  # (2B, N, Dd), (2B, N, P)
         zero = latent.new_zeros((), dtype=torch.float32)
         out: dict[str, torch.Tensor] = {}
@@ -245,7 +250,7 @@ class Alice(nn.Module):
 
         if self.target is not None:
             with torch.no_grad():
-                y = self.target["head"](self.target["encoder"](views.augmented))  # Y: (2B, N, Dh)
+                y = self.target["head"](self.target["encoder"].encode_full(views.augmented))  # Y: (2B, N, Dh)
             h = self.online["head"](self.dec_proj(features))  # H: (2B, N, Dh)
             if cfg.w_inter > 0:
                 cls_s, cls_t = h.mean(dim=1), y.mean(dim=1)
@@ -291,8 +296,9 @@ class Alice(nn.Module):
         return m
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Online encoder weights (keys load strict into UNETR(...).vit) and their metadata."""
-        return encoder_export(self.encoder, "alice")
+        """Online encoder weights and metadata; the keys load strict into UNETR(...).vit,
+        SwinUNETR(...).swinViT or NNFormer(...).encoder ("kind": vit / swin / nnformer)."""
+        return encoder_export(self.encoder.net, "alice")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:
@@ -300,7 +306,7 @@ class Alice(nn.Module):
         q, k = self.crops(batch)
         q, k = q[:1], k[:1]
         masking = random_masking(1, self.encoder.num_tokens, self.cfg.mask_ratio, device=q.device)
-        latent = self.encoder(q, ids_keep=masking.ids_keep)
+        latent = self.encoder.encode_visible(q, masking)
         pred = self.decoder(latent, masking.ids_restore)[1]
         panels = reconstruction_panels(q, masking, pred, self.encoder.patch_size, self.cfg.norm_pix)
         panels["augmented"] = strong_augment(q, self.cfg.aug)[0, 0].float().cpu().numpy()
