@@ -285,11 +285,14 @@ def reorient_array(array: np.ndarray, affine: np.ndarray, axcodes: str = "RAS") 
     return out, np.asarray(affine) @ nio.inv_ornt_aff(transform, array.shape)
 
 
-def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1) -> Volume:
+def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1, exact: bool = False) -> Volume:
     """Resample to new voxel spacing (mm) on a grid with the same axes and physical extent.
 
-    The new grid covers the old one edge to edge (voxel corners aligned); the label map, if
-    any, is resampled with nearest neighbour. The affine keeps its direction cosines.
+    The new grid covers the old one edge to edge (voxel corners aligned), so the spacing
+    is the requested one up to rounding of the voxel count. ``exact=True`` keeps the
+    requested spacing exactly instead (grid centred on the old one), which is what volumes
+    that must share one voxel grid (crop pairs) need. The label map, if any, is resampled
+    with nearest neighbour. The affine keeps its direction cosines.
     """
     from scipy import ndimage
 
@@ -298,12 +301,16 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1
     new = np.asarray(spacing, dtype=np.float64)
     if new.shape != old.shape:
         raise DataError(f"{volume.path}: spacing {tuple(new)} has {new.size} values, expected {nd}")
-    if np.allclose(old, new, rtol=1e-6):
+    if np.allclose(old, new, rtol=1e-6) if not exact else np.array_equal(old, new):
         return volume
     shape = np.maximum(1, np.rint(np.asarray(volume.array.shape) * old / new).astype(int))
     # new voxel centre i sits at old index (i + 0.5) * r - 0.5, with r = extent ratio per axis
-    ratio = np.asarray(volume.array.shape) / shape
-    offset = 0.5 * ratio - 0.5
+    if exact:
+        ratio = new / old
+        offset = (np.asarray(volume.array.shape) - 1) / 2 - (shape - 1) / 2 * ratio
+    else:
+        ratio = np.asarray(volume.array.shape) / shape
+        offset = 0.5 * ratio - 0.5
 
     def warp(a: np.ndarray, o: int) -> np.ndarray:
         return ndimage.affine_transform(a, ratio, offset=offset, output_shape=tuple(shape), order=o, mode="nearest")

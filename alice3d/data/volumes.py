@@ -60,7 +60,7 @@ def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[floa
                    min_shape: Sequence[int] | None = None) -> Volume:
     """Load, check, RAS, resample, window. Raises DataError naming the file."""
     vol = load_volume(path, reject_constant=True)
-    vol = resample_to_spacing(reorient_to_ras(vol), spacing)
+    vol = resample_to_spacing(reorient_to_ras(vol), spacing, exact=True)
     if min_shape is not None and any(s < m for s, m in zip(vol.shape, min_shape)):
         raise DataError(
             f"{path}: volume is {vol.shape} voxels at {tuple(spacing)} mm, smaller than the crop "

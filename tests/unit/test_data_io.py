@@ -220,3 +220,14 @@ def test_dicom_series_directory(tmp_path):
     assert np.allclose(v.voxel_to_world(np.array([[0, 0, 0], [1, 2, 3]], float)), [[-10, 20, 30], [-10.7, 18.4, 37.5]])
     assert validate.validate_case(series, full=False) == []
     assert [e["image"] for e in load_datalist(tmp_path)] == [str(series.resolve())]
+
+
+def test_resample_exact_spacing_is_exact_and_keeps_world_positions():
+    aff = _affine(spacing=(0.7, 0.9, 2.5), flips=(-1, 1, 1))
+    arr = np.random.default_rng(0).random((37, 29, 11)).astype(np.float32)
+    r = resample_to_spacing(Volume(arr, aff), (2.0, 2.0, 2.0), exact=True)
+    assert np.array_equal(np.asarray(r.spacing), np.array([2.0, 2.0, 2.0]))
+    # the grid is centred on the old one: the world centre is unchanged
+    c_old = Volume(arr, aff).voxel_to_world((np.array(arr.shape)[None] - 1) / 2)
+    c_new = r.voxel_to_world((np.array(r.shape)[None] - 1) / 2)
+    assert np.allclose(c_old, c_new, atol=1e-9)
