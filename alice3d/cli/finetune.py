@@ -1,0 +1,119 @@
+"""``alice3d-finetune``: fine-tune a segmentation/classification network, or predict with one.
+
+    alice3d-finetune --task btcv [--data-root DIR] [--model unetr|swin_unetr|nnformer]
+                     [--pretrained RUN/encoder.pt] --out RUN [--resume] [key=value ...]
+    alice3d-finetune predict --run RUN --image CT.nii.gz --out SEG.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
+from alice3d.finetune.config import FinetuneConfig
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alice3d-finetune",
+        description="Fine-tune UNETR / Swin UNETR / nnFormer (or an encoder classifier) on a task, optionally "
+                    "from a pretrained encoder.pt. Without --data-root the btcv task runs on the embedded "
+                    "phantom cohort with CPU-sized settings. Subcommand: 'alice3d-finetune predict --help'.",
+    )
+    p.add_argument("--task", default=None, help="btcv | flare22 | classification | custom (task.name)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding dataset_0.json (BTCV layout) or a datalist JSON (data.data)")
+    p.add_argument("--model", default=None,
+                   help="unetr | swin_unetr | nnformer (classification: vit | swin | nnformer) (model.name); "
+                        "default: what the --pretrained encoder fits, else unetr / vit")
+    p.add_argument("--pretrained", default=None, help="encoder.pt of a pretraining run (model.pretrained)")
+    p.add_argument("--kfold", type=int, default=None, help="cross-validate over K folds (data.kfold)")
+    p.add_argument("--fold", type=int, default=None, help="with --kfold: run only this fold (data.fold)")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="fine-tune on this fraction of the training cases (data.label_fraction)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_config_args(p, FinetuneConfig)
+    return p
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alice3d-finetune predict",
+        description="Segment one image with a fine-tuning run's best.pt; the output has the input's shape and "
+                    "affine (any orientation/spacing) and the task's label ids.",
+    )
+    p.add_argument("--run", type=Path, required=True, help="fine-tuning run directory (holding best.pt)")
+    p.add_argument("--image", type=Path, required=True, help="CT image (.nii/.nii.gz or an ITK format)")
+    p.add_argument("--out", type=Path, required=True, help="segmentation file to write (e.g. SEG.nii.gz)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    mapping = {"task": "task.name", "data_root": "data.data", "model": "model.name", "pretrained": "model.pretrained",
+               "kfold": "data.kfold", "fold": "data.fold", "label_fraction": "data.label_fraction"}
+    out = []
+    for attr, key in mapping.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def train_main(argv: Sequence[str]) -> int:
+    args = _train_parser().parse_intermixed_args(argv)
+    setup_logging(args.verbose)
+    cfg = resolve_config(FinetuneConfig, args, _flag_overrides(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = prepare_run_dir(args.out, args.resume, marker="config.yaml")
+    else:  # under torchrun only rank 0 checks the folder (it writes into it right away)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    from alice3d.finetune.train import run_finetune
+
+    results = run_finetune(cfg, out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if results is None:
+        print(f"stopped early; continue with the same command plus --resume (run in {out})", file=sys.stderr)
+        return 3
+    print(f"results: {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    args = _predict_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from alice3d.finetune.predict import predict
+
+    path = predict(args.run, args.image, args.out, device=args.device)
+    print(f"segmentation written to {path}")
+    return 0
+
+
+def _reporting_data_errors(fn, argv: Sequence[str]) -> int:
+    from alice3d.data.io import DataError
+
+    try:
+        return fn(argv)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "predict":
+        run_main(lambda: _reporting_data_errors(predict_main, argv[1:]))
+    else:
+        run_main(lambda: _reporting_data_errors(train_main, argv))
+
+
+if __name__ == "__main__":
+    main()

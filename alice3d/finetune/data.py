@@ -1,0 +1,310 @@
+"""Cases for fine-tuning: datalists, splits (k-fold, label fraction), preprocessing, samples.
+
+A case is checked when it is prepared (readable, finite, image/label shapes and affines
+agree, label ids belong to the task, something inside the HU window); a case that fails
+is a :class:`~alice3d.data.io.DataError` naming its files. With ``data.on_bad_data=skip``
+bad cases are listed in ``RUN/data_report.json`` and in ``results.json``; with ``fail``
+the run stops before training.
+
+:class:`TrainSamples` is the trainer's map-style dataset: sample ``i`` is a random ROI
+crop (MONAI BTCV recipe) of case ``perm_e[i % n]`` with ``e = i // n`` an epoch
+permutation, every random draw seeded by ``(seed, i)``, so a sample is a pure function
+of its index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from alice3d.data.io import DataError, load_volume
+from alice3d.finetune.config import AugConfig, FinetuneDataConfig
+from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
+from alice3d.finetune.transforms import preprocess_transforms, train_random_transforms, training_view
+
+log = logging.getLogger("alice3d.finetune")
+
+_NII = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One datalist entry; ``label`` is a label-map path (segmentation) or a class id."""
+
+    id: str
+    image: str
+    label: str | int | None = None
+
+
+@dataclass
+class Prepared:
+    """A preprocessed case: image ``(C, *S)`` float in [0, 1], label ``(1, *S)`` float ids
+    (segmentation) or an int class (classification), on the task grid."""
+
+    id: str
+    image: torch.Tensor
+    label: torch.Tensor | int
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+    source: Case = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+@dataclass
+class Split:
+    fold: int | None
+    train: list[Case]
+    val: list[Case]
+
+
+# ----------------------------------------------------------------------------- datalists
+
+
+def case_id(path: str) -> str:
+    name = Path(path).name
+    for suf in _NII:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def find_datalist(data: str, task: TaskSpec) -> Path:
+    """``data`` is a datalist JSON or a folder holding ``task.datalist_name`` (or dataset.json)."""
+    p = Path(data).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in (task.datalist_name, "dataset.json"):
+            if (p / name).is_file():
+                return p / name
+        raise DataError(f"{p}: folder has no {task.datalist_name} or dataset.json (a Decathlon-style datalist "
+                        "with 'training' and 'validation' lists of {{\"image\": ..., \"label\": ...}})")
+    raise DataError(f"{p}: data not found (expected a datalist JSON or a folder with {task.datalist_name})")
+
+
+def _resolve(base: Path, p: Any) -> str:
+    """A datalist path: absolute as given, else relative to the datalist's folder."""
+    q = Path(str(p))
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def _entry(item: Any, base: Path, path: Path, key: str, i: int, task: TaskSpec) -> Case:
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict) or "image" not in item:
+        raise DataError(f"{path}: entry {i} of '{key}' must be an object with an 'image' key, got {item!r}")
+    image = _resolve(base, item["image"])
+    label = item.get("label")
+    if task.kind == CLASSIFICATION:
+        if isinstance(label, list) and len(label) == 1:
+            label = label[0]
+        try:
+            label = None if label is None else int(label)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: entry {i} of '{key}' ({item['image']}) has label {label!r}; "
+                            "expected an integer class id") from None
+        if label is None and key != "test":
+            raise DataError(f"{path}: entry {i} of '{key}' ({item['image']}) needs an integer 'label' class id")
+    elif label is not None:
+        label = _resolve(base, label)
+    elif key != "test":
+        raise DataError(f"{path}: entry {i} of '{key}' ({item['image']}) has no 'label' map")
+    return Case(id=case_id(image), image=image, label=label)
+
+
+def read_datalist(path: str | Path, task: TaskSpec) -> dict[str, list[Case]]:
+    """Decathlon/BTCV datalist -> ``{"training": [...], "validation": [...], "test": [...]}``.
+
+    Paths are relative to the datalist's folder (MONAI's convention).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the datalist: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed datalist JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("training"), list):
+        raise DataError(f"{path}: expected a JSON object with a 'training' list (Decathlon/BTCV datalist)")
+    out: dict[str, list[Case]] = {}
+    for key in ("training", "validation", "test"):
+        items = data.get(key) or []
+        if not isinstance(items, list):
+            raise DataError(f"{path}: '{key}' must be a list, got {type(items).__name__}")
+        out[key] = [_entry(it, path.parent, path, key, i, task) for i, it in enumerate(items)]
+    ids = [c.id for c in out["training"] + out["validation"]]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"{path}: case ids appear more than once across training/validation: {dup}")
+    return out
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def labeled_subset(cases: Sequence[Case], fraction: float = 1.0, n_labeled: int = 0, seed: int = 0) -> list[Case]:
+    """A deterministic subset of the training cases (few-label studies), in datalist order."""
+    cases = list(cases)
+    n = int(n_labeled) if n_labeled > 0 else max(1, int(round(fraction * len(cases))))
+    if n >= len(cases):
+        return cases
+    keep = set(np.random.default_rng(seed + 7_777).choice(len(cases), size=n, replace=False).tolist())
+    return [c for i, c in enumerate(cases) if i in keep]
+
+
+def make_splits(lists: dict[str, list[Case]], cfg: FinetuneDataConfig, source: str = "datalist") -> list[Split]:
+    """Datalist split, or k folds over training+validation; label subset applied to training."""
+    if cfg.kfold:
+        pool = sorted(lists["training"] + lists["validation"], key=lambda c: c.id)
+        if len(pool) < cfg.kfold:
+            raise DataError(f"{source}: {len(pool)} cases cannot make data.kfold={cfg.kfold} folds")
+        order = np.random.default_rng(cfg.split_seed).permutation(len(pool))
+        folds = [sorted(part.tolist()) for part in np.array_split(order, cfg.kfold)]
+        chosen = range(cfg.kfold) if cfg.fold < 0 else [cfg.fold]
+        splits = []
+        for f in chosen:
+            val_idx = set(folds[f])
+            train = [c for i, c in enumerate(pool) if i not in val_idx]
+            val = [c for i, c in enumerate(pool) if i in val_idx]
+            splits.append(Split(f, labeled_subset(train, cfg.label_fraction, cfg.n_labeled, cfg.split_seed), val))
+        return splits
+    if not lists["validation"]:
+        raise DataError(f"{source}: the datalist has no 'validation' cases; add them or use data.kfold=5")
+    train = labeled_subset(lists["training"], cfg.label_fraction, cfg.n_labeled, cfg.split_seed)
+    return [Split(None, train, list(lists["validation"]))]
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str):
+    from monai.data import MetaTensor
+
+    # "no_channel" as LoadImaged records it: without it MONAI 1.6 counts one spatial axis less
+    # for a channel-less tensor and crops then forget to shift the last axis of the affine.
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+                      affine=torch.tensor(np.asarray(affine), dtype=torch.float64),
+                      meta={"filename_or_obj": path, "original_channel_dim": "no_channel"})
+
+
+def check_label_ids(label: np.ndarray, task: TaskSpec, path: str) -> None:
+    ids = set(np.unique(label).astype(int).tolist())
+    extra = sorted(ids - set(task.labels))
+    if extra:
+        raise DataError(
+            f"{path}: label ids {extra} are not labels of task {task.name!r} "
+            f"(expected ids {sorted(task.labels)}: {', '.join(f'{k}={v}' for k, v in task.labels.items())})"
+        )
+
+
+def prepare_case(case: Case, task: TaskSpec) -> Prepared:
+    """Load, check and preprocess one case (raises DataError naming its files)."""
+    from monai.transforms import Compose
+
+    seg = task.kind != CLASSIFICATION
+    vol = load_volume(case.image, case.label if seg else None, reject_constant=True)
+    lo = task.hu_window[0]
+    if not (vol.array > lo).any():
+        raise DataError(f"{case.image}: no voxel above {lo:g} HU, the low end of task {task.name!r}'s window "
+                        f"{list(task.hu_window)}; is this a CT in Hounsfield units?")
+    data = {"image": _meta_tensor(vol.array, vol.affine, case.image)}
+    if seg:
+        check_label_ids(vol.label, task, str(case.label))
+        data["label"] = _meta_tensor(vol.label, vol.affine, str(case.label))
+    elif case.label not in task.labels:
+        raise DataError(f"{case.image}: class label {case.label!r} is not a class of task {task.name!r} "
+                        f"(expected one of {sorted(task.labels)})")
+    out = Compose(preprocess_transforms(task, keys=list(data)))(data)
+    image = out["image"]
+    affine = np.asarray(image.affine, dtype=np.float64)
+    nd = image.ndim - 1
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:nd, :nd], axis=0))
+    label: torch.Tensor | int = out["label"].as_tensor().float().contiguous() if seg else int(case.label)
+    return Prepared(case.id, image.as_tensor().float().contiguous(), label, affine, spacing, case)
+
+
+def prepare_cases(cases: Sequence[Case], task: TaskSpec, on_bad_data: str, what: str) -> tuple[list[Prepared], dict[str, str]]:
+    """Prepare every case; bad ones are collected (skip) or stop the run (fail)."""
+    from tqdm.auto import tqdm
+
+    good, bad = [], {}
+    for case in tqdm(list(cases), desc=f"preparing {what} cases", disable=None, leave=False):
+        try:
+            good.append(prepare_case(case, task))
+        except DataError as e:
+            bad[case.id] = str(e)
+            if on_bad_data == "fail":
+                raise DataError(f"bad {what} case {case.id}: {e} (data.on_bad_data=fail stops the run; "
+                                "set data.on_bad_data=skip to leave bad cases out and list them)") from None
+            log.warning("bad %s case %s left out: %s", what, case.id, e)
+    if not good:
+        raise DataError(f"no usable {what} case: all {len(bad)} failed validation:\n  "
+                        + "\n  ".join(f"{k}: {v}" for k, v in bad.items()))
+    return good, bad
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 2_654_435_761 + 12_345) % (2**32 - 1)
+
+
+class TrainSamples(Dataset):
+    """Map-style dataset of training samples ``{"image": (C, *roi), "label": (1, *roi) | ()}``.
+
+    ``get_case(k)`` returns case k (segmentation: as :func:`training_view`, classification:
+    a :class:`Prepared`).
+    """
+
+    def __init__(self, n_cases: int, get_case: Callable[[int], Any], task: TaskSpec, aug: AugConfig, seed: int = 0):
+        if n_cases < 1:
+            raise DataError("no training cases")
+        self.n, self.get_case, self.task, self.seed = n_cases, get_case, task, seed
+        self.random = train_random_transforms(task, aug)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def case_index(self, i: int) -> int:
+        epoch, pos = divmod(int(i), self.n)
+        return int(np.random.default_rng((self.seed, epoch)).permutation(self.n)[pos])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        case = self.get_case(self.case_index(i))
+        self.random.set_random_state(seed=sample_seed(self.seed, int(i)))
+        if self.task.kind == CLASSIFICATION:
+            out = self.random({"image": case.image})
+            return {"image": _plain(out["image"]).float().contiguous(), "label": torch.tensor(int(case.label))}
+        out = self.random(dict(case))
+        if isinstance(out, list):
+            out = out[0]
+        return {"image": _plain(out["image"]).float().contiguous(), "label": _plain(out["label"]).float().contiguous()}
+
+
+def _plain(x: Any) -> torch.Tensor:
+    x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return x.clone()
+
+
+def _for_training(case: Prepared, task: TaskSpec) -> Any:
+    if task.kind == CLASSIFICATION:
+        return case
+    return training_view(case.image, case.label, task, seed=zlib.crc32(case.id.encode()))
+
+
+def case_store(cases: Sequence[Case], prepared: Sequence[Prepared] | None, task: TaskSpec) -> Callable[[int], Any]:
+    """``k -> training case`` (see :class:`TrainSamples`): from memory when ``prepared`` is
+    given (cached), else read and preprocessed on every call."""
+    if prepared is not None:
+        items = [_for_training(c, task) for c in prepared]
+        return items.__getitem__
+    cases = list(cases)
+    return lambda k: _for_training(prepare_case(cases[k], task), task)

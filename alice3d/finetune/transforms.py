@@ -1,0 +1,119 @@
+"""MONAI transform lists of every fine-tuning task, each built by one function.
+
+- :func:`preprocess_transforms`: deterministic steps after loading (channel first,
+  orientation, spacing, HU window -> [0, 1], foreground crop / resize);
+- :func:`inference_transforms`: ``LoadImaged`` + the same steps; ``predict`` and the
+  exported bundle use exactly this list, so they agree voxel for voxel;
+- :func:`postprocess_transforms`: argmax + ``Invertd`` back to the input image's space;
+- :func:`train_random_transforms`: the random crop/augmentation of training samples.
+
+Every list is plain MONAI, with no alice3d code inside, so the bundle can serialise it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from monai import transforms as mt
+
+from alice3d.finetune.config import AugConfig
+from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
+
+
+# Axis labels of RAS+ world coordinates (nibabel's, and alice3d.data.io's, convention).
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def _is_seg(task: TaskSpec) -> bool:
+    return task.kind != CLASSIFICATION
+
+
+def preprocess_transforms(task: TaskSpec, keys: Sequence[str] = ("image", "label")) -> list:
+    """Deterministic preprocessing of already loaded ``(*S)`` arrays with their affines.
+
+    Segmentation: RAS, resample to ``task.spacing`` (bilinear image, nearest label),
+    HU window -> [0, 1] clipped, crop to the image foreground (voxels above the window's
+    low end). Classification: RAS, HU window, resize to ``task.roi``.
+    """
+    keys = [k for k in keys]
+    image_keys = [k for k in keys if k == "image"]
+    lo, hi = task.hu_window
+    steps: list = [mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
+                   mt.Orientationd(keys=keys, axcodes=task.orientation, labels=RAS_LABELS)]
+    if _is_seg(task):
+        if task.spacing:
+            modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+            steps.append(mt.Spacingd(keys=keys, pixdim=tuple(task.spacing), mode=modes))
+        steps.append(mt.ScaleIntensityRanged(keys=image_keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+        steps.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True, margin=0))
+    else:
+        steps.append(mt.ScaleIntensityRanged(keys=image_keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+        steps.append(mt.Resized(keys=image_keys, spatial_size=tuple(task.roi), mode="trilinear"))
+    return steps
+
+
+def inference_transforms(task: TaskSpec) -> mt.Compose:
+    """Image file path under key ``"image"`` -> preprocessed MetaTensor ``(C, *S)``."""
+    return mt.Compose([mt.LoadImaged(keys=["image"], image_only=True, dtype="float32"),
+                       *preprocess_transforms(task, keys=("image",))])
+
+
+def postprocess_transforms(task: TaskSpec, preprocessing: mt.Compose) -> mt.Compose:
+    """Logits ``"pred"`` ``(K, *S)`` -> label ids ``(1, *S_in)`` in the input image's space."""
+    return mt.Compose([
+        mt.AsDiscreted(keys=["pred"], argmax=True),
+        mt.Invertd(keys=["pred"], transform=preprocessing, orig_keys=["image"], nearest_interp=True, to_tensor=True),
+    ])
+
+
+FG_KEY, BG_KEY = "label_fg", "label_bg"  # precomputed crop-centre candidates (see training_view)
+
+
+def training_view(image, label, task: TaskSpec, max_indices: int = 200_000, seed: int = 0) -> dict:
+    """A preprocessed case made ready for repeated random crops: zero-padded to at least the
+    ROI (as MONAI's cropping needs), plus flat indices of foreground voxels (label > 0) and
+    of background voxels inside the body (image > 0), each uniformly subsampled to at most
+    ``max_indices`` so that every crop does not rescan the whole volume."""
+    import numpy as np
+    from monai.transforms.utils import map_binary_to_indices
+
+    d = mt.SpatialPadd(keys=["image", "label"], spatial_size=tuple(task.roi), mode="constant")(
+        {"image": image, "label": label})
+    fg, bg = map_binary_to_indices(d["label"] > 0, d["image"], image_threshold=0.0)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for idx in (np.asarray(fg), np.asarray(bg)):
+        if len(idx) > max_indices:
+            idx = np.sort(rng.choice(idx, size=max_indices, replace=False))
+        keep.append(idx.astype(np.int64))
+    return {"image": d["image"], "label": d["label"], FG_KEY: keep[0], BG_KEY: keep[1]}
+
+
+def train_random_transforms(task: TaskSpec, aug: AugConfig) -> mt.Compose:
+    """Random ROI crop + augmentation of one :func:`training_view` -> one training sample."""
+    roi = tuple(task.roi)
+    nd = len(roi)
+    if not _is_seg(task):
+        steps: list = [mt.RandFlipd(keys=["image"], prob=aug.flip_prob, spatial_axis=a) for a in range(nd)]
+        if aug.shift_intensity > 0 and aug.shift_prob > 0:
+            steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=aug.shift_intensity, prob=aug.shift_prob))
+        return mt.Compose(steps)
+    keys = ["image", "label"]
+    steps = [
+        mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=aug.pos, neg=aug.neg,
+                                  num_samples=1, image_key="image", image_threshold=0.0, allow_smaller=False,
+                                  fg_indices_key=FG_KEY, bg_indices_key=BG_KEY),
+    ]
+    if aug.scale_prob > 0:
+        steps.append(mt.RandZoomd(keys=keys, prob=aug.scale_prob, min_zoom=1.0 - aug.scale_range,
+                                  max_zoom=1.0 + aug.scale_range, mode=["trilinear", "nearest"], keep_size=True))
+    if aug.flip_prob > 0:
+        steps += [mt.RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=a) for a in range(nd)]
+    if aug.rot90_prob > 0 and nd >= 2 and roi[0] == roi[1]:
+        steps.append(mt.RandRotate90d(keys=keys, prob=aug.rot90_prob, max_k=3, spatial_axes=(0, 1)))
+    if aug.blur_prob > 0:
+        steps.append(mt.RandGaussianSmoothd(keys=["image"], prob=aug.blur_prob, sigma_x=(0.5, 1.0),
+                                            sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)))
+    if aug.shift_intensity > 0 and aug.shift_prob > 0:
+        steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=aug.shift_intensity, prob=aug.shift_prob))
+    return mt.Compose(steps)
