@@ -1,0 +1,143 @@
+"""Typed configuration of the landmark matcher (training, matching, crop pairs).
+
+The dataclasses below are the single source of defaults; ``configs/landmark/*.yaml``
+and ``key=value`` overrides only change existing fields (see :mod:`alice3d.config`).
+The defaults describe a CPU-sized model that trains on the embedded phantom cohort in
+a few minutes; ``configs/landmark/sam_full.yaml`` holds the paper-sized setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, section
+
+
+@dataclass
+class ModelConfig:
+    """ResNet-style 3D backbone + FPN with a fine and a coarse embedding head."""
+
+    in_channels: int = 1
+    stem_width: int = 8  # full-resolution stem
+    widths: tuple[int, ...] = (16, 24, 32, 48)  # stages at strides 2, 4, 8, 16
+    blocks: tuple[int, ...] = (1, 1, 1, 1)  # residual blocks per stage; ResNet-18 = (2, 2, 2, 2)
+    fpn_dim: int = 32
+    embed_dim: int = 128
+    coarse_level: int = 4  # stage whose stride is the coarse stride (4 -> 2**4 = 16)
+    norm: str = "batch"  # batch | none
+
+    @property
+    def fine_stride(self) -> int:
+        return 2
+
+    @property
+    def coarse_stride(self) -> int:
+        return 2**self.coarse_level
+
+
+@dataclass
+class CropConfig:
+    """Two augmented views of one volume per batch element (training only)."""
+
+    size: tuple[int, int, int] = (48, 48, 32)  # voxels of each view
+    scale_range: tuple[float, float] = (0.8, 1.2)  # independent per view
+    shared_seed_prob: float = 0.8  # both views contain the same seed point
+    shift_frac: float = 0.3  # view centre offset from the seed, fraction of the crop extent
+    noise_std: float = 0.03  # max std of additive gaussian noise (normalized intensity)
+    blur_prob: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.0)  # voxels
+    intensity_jitter: float = 0.05  # max relative scale and absolute shift
+    body_threshold: float = 0.15  # normalized intensity above which a voxel is body
+
+
+@dataclass
+class LossConfig:
+    """Pixel-level InfoNCE on the fine and the coarse embedding."""
+
+    temperature: float = 0.5
+    fine_pos_radius: float = 3.0  # mm; nearest voxel of the other view closer than this = positive
+    fine_ignore_radius: float = 8.0  # mm; voxels closer than this are never negatives
+    coarse_pos_radius: float = 25.0  # mm; used only to decide which anchors are valid
+    coarse_ignore_radius: float = 25.0  # mm
+    anchors: int = 256  # positive anchors per batch element
+    mine_candidates: int = 4096  # voxels of the other view searched for hard negatives (random subset)
+    hard_pool: int = 500  # hardest candidates kept per anchor (by fine + coarse similarity)
+    negatives: int = 100  # negatives per anchor sampled from the hard pool
+    random_negatives: int = 100  # plus negatives drawn uniformly outside the ignore radius
+    coarse_negatives: int = 200  # random negatives per anchor for the coarse loss
+    cross_volume_negatives: bool = True  # coarse negatives also from other volumes in the batch
+    coarse_weight: float = 1.0
+
+
+@dataclass
+class MatchConfig:
+    """How a query embedding is compared with every voxel of the target."""
+
+    fine_weight: float = 0.5  # similarity = w * fine + (1 - w) * upsampled coarse
+    refine: bool = True  # sub-voxel refinement of the peak (parabola per axis)
+    chunk_voxels: int = 2**25  # queries x target voxels handled per block (memory bound)
+
+
+@dataclass
+class PairConfig:
+    """Registered crop pairs for Alice pretraining."""
+
+    crop_size: tuple[int, int, int] = (192, 192, 64)
+    min_score: float = 0.5
+    max_retries: int = 4
+    body_threshold: float = 0.05  # normalized intensity of the crop volumes above which = body
+    fallback: str = "best"  # best | position (same normalized position in the bounding box)
+
+
+def _landmark_data() -> DataConfig:
+    return DataConfig(spacing=(2.0, 2.0, 2.0), hu_window=(-1024.0, 3071.0))
+
+
+def _landmark_train() -> TrainConfig:
+    return TrainConfig(
+        max_steps=300,
+        batch_size=2,
+        lr=2e-3,
+        min_lr=1e-5,
+        weight_decay=1e-4,
+        warmup_steps=20,
+        grad_clip=3.0,
+        ckpt_every=100,
+    )
+
+
+@dataclass
+class LandmarkConfig:
+    train: TrainConfig = section(_landmark_train)
+    data: DataConfig = section(_landmark_data)
+    model: ModelConfig = section(ModelConfig)
+    crop: CropConfig = section(CropConfig)
+    loss: LossConfig = section(LossConfig)
+    match: MatchConfig = section(MatchConfig)
+    pairs: PairConfig = section(PairConfig)
+
+    def validate(self) -> None:
+        m = self.model
+        if len(m.widths) != len(m.blocks):
+            raise ConfigError(
+                f"model.widths ({list(m.widths)}) and model.blocks ({list(m.blocks)}) "
+                "must have the same length (one entry per stage)"
+            )
+        if not 1 <= m.coarse_level <= len(m.widths):
+            raise ConfigError(f"model.coarse_level: expected 1..{len(m.widths)}, got {m.coarse_level}")
+        check_choice("model.norm", m.norm, ["batch", "none"])
+        check_choice("pairs.fallback", self.pairs.fallback, ["best", "position"])
+        if len(self.data.spacing) != 3:
+            raise ConfigError(f"data.spacing: expected 3 values (mm), got {list(self.data.spacing)}")
+        lo, hi = self.data.hu_window
+        if not hi > lo:
+            raise ConfigError(f"data.hu_window: expected [low, high] with high > low, got {[lo, hi]}")
+        step = m.coarse_stride
+        if any(s % step for s in self.crop.size):
+            raise ConfigError(
+                f"crop.size: every side must be a multiple of the coarse stride {step}, got {list(self.crop.size)}"
+            )
+        if self.loss.fine_ignore_radius < self.loss.fine_pos_radius:
+            raise ConfigError("loss.fine_ignore_radius must be >= loss.fine_pos_radius")
+        if self.loss.temperature <= 0:
+            raise ConfigError(f"loss.temperature: expected > 0, got {self.loss.temperature}")

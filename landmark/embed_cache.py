@@ -1,0 +1,169 @@
+"""On-disk cache of volume embeddings in a small, pickle-free file format.
+
+One file per (image, model): ``CACHE/<model key>/<image key>.emb``. Layout::
+
+    b"A3DEMB01" | uint64 LE header length | JSON header (padded) | raw little-endian arrays
+
+The JSON header lists every array's dtype, shape, byte offset and CRC-32, plus the keys
+it was computed for and the grid affines. Reading checks magic, header, sizes, keys and
+checksums; any mismatch is a :class:`CacheError` that the caller turns into a logged
+recomputation. Files are written to a temporary name and renamed, so concurrent
+processes never see half a file. Arrays can be memory-mapped, so many large fine
+embeddings can be "open" without being resident in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"A3DEMB01"
+ALIGN = 64
+_ALLOWED_DTYPES = {"float16", "float32", "float64", "int16", "int32", "int64", "uint8"}
+
+
+class CacheError(ValueError):
+    """A cache file that is missing, truncated, corrupt or computed for other inputs."""
+
+
+def default_cache_dir() -> Path:
+    """``$ALICE3D_CACHE/embeddings`` when set, else ``~/.cache/alice3d/embeddings``."""
+    root = os.environ.get("ALICE3D_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "alice3d"
+    return base / "embeddings"
+
+
+def hash_arrays(*parts: Any) -> str:
+    """Hex digest over arrays (dtype, shape and bytes), strings and numbers, in order."""
+    h = hashlib.blake2b(digest_size=20)
+    for p in parts:
+        if isinstance(p, np.ndarray) or hasattr(p, "__array__") and not isinstance(p, (str, bytes)):
+            a = np.ascontiguousarray(np.asarray(p))
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        elif isinstance(p, bytes):
+            h.update(p)
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+
+
+def write_entry(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write arrays + JSON-able ``meta`` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    specs, offset = {}, 0
+    blobs = []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.name not in _ALLOWED_DTYPES:
+            raise ValueError(f"cache array {name!r}: dtype {a.dtype} not storable")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        specs[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
+                       "nbytes": int(a.nbytes), "crc32": _crc(a)}
+        blobs.append((offset, a))
+        offset += -(-a.nbytes // ALIGN) * ALIGN
+    header = json.dumps({"format": 1, "meta": meta, "arrays": specs}).encode()
+    start = len(MAGIC) + 8 + len(header)
+    pad = (-start) % ALIGN
+    header += b" " * pad
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            base = f.tell()
+            for off, a in blobs:
+                f.seek(base + off)
+                f.write(memoryview(a).cast("B"))
+            f.truncate(base + offset)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """``(header dict, byte offset of the data block)``; CacheError when malformed."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(MAGIC))
+            if magic != MAGIC:
+                raise CacheError(f"{path}: not an alice3d embedding cache file (bad magic)")
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CacheError(f"{path}: truncated header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 1 << 24:
+                raise CacheError(f"{path}: implausible header length {n}")
+            text = f.read(n)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: no such cache file") from None
+    except OSError as e:
+        raise CacheError(f"{path}: unreadable ({e})") from None
+    if len(text) != n:
+        raise CacheError(f"{path}: truncated header")
+    try:
+        header = json.loads(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{path}: corrupt header ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != 1 or not isinstance(header.get("arrays"), dict):
+        raise CacheError(f"{path}: unsupported header (format {header.get('format') if isinstance(header, dict) else None!r})")
+    return header, len(MAGIC) + 8 + n
+
+
+def read_entry(path: str | os.PathLike, verify: bool = True, mmap: bool = True,
+               expect_meta: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """``(arrays, meta)``; arrays are copy-on-write memory maps when ``mmap``.
+
+    ``expect_meta``: fields that must match (e.g. the image and model keys) -> else CacheError.
+    ``verify``: check every array's CRC-32 (reads the whole file once).
+    """
+    path = Path(path)
+    header, base = read_header(path)
+    meta = header.get("meta", {})
+    for k, v in (expect_meta or {}).items():
+        if meta.get(k) != v:
+            raise CacheError(f"{path}: computed for {k}={meta.get(k)!r}, expected {v!r} (stale entry)")
+    size = path.stat().st_size
+    arrays = {}
+    for name, spec in header["arrays"].items():
+        try:
+            dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+            shape = tuple(int(s) for s in spec["shape"])
+            off, nbytes = int(spec["offset"]), int(spec["nbytes"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{path}: array {name!r} has a malformed spec ({e})") from None
+        if spec["dtype"] not in _ALLOWED_DTYPES or int(np.prod(shape)) * dtype.itemsize != nbytes:
+            raise CacheError(f"{path}: array {name!r} spec does not add up (dtype/shape/nbytes)")
+        if base + off + nbytes > size:
+            raise CacheError(f"{path}: truncated (array {name!r} ends past the end of the file)")
+        if mmap and nbytes:
+            a = np.memmap(path, dtype=dtype, mode="c", offset=base + off, shape=shape)
+        else:
+            with open(path, "rb") as f:
+                f.seek(base + off)
+                a = np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape).copy()
+        if verify and _crc(a) != spec.get("crc32"):
+            raise CacheError(f"{path}: checksum mismatch in array {name!r} (corrupt file)")
+        arrays[name] = a
+    return arrays, meta

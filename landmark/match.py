@@ -1,0 +1,486 @@
+"""Point matching between volumes with cached landmark embeddings, in world millimetres.
+
+A volume is embedded once: reoriented to RAS, resampled to the model spacing, windowed,
+run through the network; its fine and coarse embeddings are stored with the affines of
+their grids (index -> world mm) in the on-disk cache (:mod:`landmark.embed_cache`) and
+kept in a small in-memory LRU. Matching never touches voxel indices of the input arrays:
+query points go world -> embedding grid of A, matches come back embedding grid of B ->
+world, so any orientation (RAS, LPS, ...) and spacing works.
+
+Similarity of a query with voxel ``v`` of B:
+``S(v) = w * fine(v) + (1 - w) * up(coarse)(v)`` where ``up`` is the trilinear (grid
+convention of :mod:`landmark.model`) upsampling of the coarse similarity map. The match
+is ``argmax S`` over every voxel of B, optionally refined to sub-voxel precision.
+
+Search on CPU is branch-and-bound and returns exactly the full-search argmax: fine
+similarities are at most 1, and an upsampled coarse value is at most the largest of its
+coarse neighbours, so coarse cells that cannot beat a known score are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from alice3d.config import from_dict
+from landmark.config import LandmarkConfig, ModelConfig
+from landmark.embed_cache import CacheError, default_cache_dir, hash_arrays, read_entry, write_entry
+from landmark.model import LandmarkNet, build_model, embed_volume, grid_affine
+
+log = logging.getLogger("alice3d.landmark")
+
+MODEL_KIND = "alice3d-landmark"
+EMBED_FORMAT = "landmark-embedding-v1"
+
+
+class MatchError(ValueError):
+    """A query that cannot be answered (point outside the volume, bad points string, ...)."""
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def load_landmark_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[LandmarkNet, dict]:
+    """Rebuild the network from ``landmark.pt``; refuses files of another kind (metadata ``kind``)."""
+    from alice3d.train.checkpoint import load_checkpoint
+
+    obj = load_checkpoint(path, map_location=map_location, expect_kind=MODEL_KIND)
+    meta = obj["metadata"]
+    try:
+        cfg = from_dict(ModelConfig, meta["model"])
+    except Exception as e:  # noqa: BLE001 - any schema mismatch is reported with the file name
+        raise MatchError(f"{path}: landmark model metadata does not describe a model ({e})") from None
+    net = build_model(cfg)
+    try:
+        net.load_state_dict(obj["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise MatchError(f"{path}: weights do not fit the model described in its metadata ({e})") from None
+    net.eval()
+    return net, meta
+
+
+def model_key(net: LandmarkNet, spacing: Sequence[float], hu_window: Sequence[float]) -> str:
+    """Digest of the weights, architecture and input normalisation (part of every cache key)."""
+    from alice3d.config import to_dict
+
+    state = net.state_dict()
+    parts: list = [EMBED_FORMAT, to_dict(net.cfg), [float(s) for s in spacing], [float(h) for h in hu_window]]
+    for name in sorted(state):
+        parts += [name, state[name].detach().cpu().contiguous().numpy()]
+    return hash_arrays(*parts)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+@dataclass
+class Embedding:
+    """Embeddings of one volume; grids are RAS-ordered and tied to world by their affines."""
+
+    fine: torch.Tensor  # (Xf, Yf, Zf, D), unit vectors (float16 on CPU, memory-mapped from the cache)
+    coarse: torch.Tensor  # (Xc, Yc, Zc, D) float32
+    fine_affine: np.ndarray  # (4, 4) fine index -> world mm
+    coarse_affine: np.ndarray  # (4, 4)
+    source_shape: tuple  # the input volume (before any resampling)
+    source_affine: np.ndarray
+    key: str = ""
+    name: str = ""
+
+    @property
+    def factor(self) -> int:
+        """Coarse stride in fine voxels."""
+        return int(round(np.linalg.norm(self.coarse_affine[:3, 0]) / np.linalg.norm(self.fine_affine[:3, 0])))
+
+    @property
+    def fine_shape(self) -> tuple:
+        return tuple(self.fine.shape[:-1])
+
+    def check_inside(self, points_world: np.ndarray, label: str = "") -> None:
+        """MatchError listing the points that lie outside the source volume's voxel extent."""
+        ijk = _apply(np.linalg.inv(self.source_affine), points_world)
+        shape = np.asarray(self.source_shape, dtype=np.float64)
+        bad = np.nonzero(((ijk < -0.5) | (ijk > shape - 0.5)).any(axis=1))[0]
+        if len(bad):
+            lo, hi = world_bounds(self.source_affine, self.source_shape)
+            pts = "; ".join(",".join(f"{v:.1f}" for v in points_world[i]) for i in bad[:5])
+            raise MatchError(
+                f"{len(bad)} query point(s) outside volume {label or self.name or 'A'} "
+                f"(world extent {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm): {pts}"
+            )
+
+
+def world_bounds(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world box (mm) covered by the voxels of a grid (corners included)."""
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in shape], indexing="ij")).reshape(len(shape), -1).T
+    w = _apply(affine, corners)
+    return w.min(0), w.max(0)
+
+
+def _apply(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    pts = np.asarray(pts, dtype=np.float64)
+    n = pts.shape[-1]
+    return pts @ np.asarray(affine)[:n, :n].T + np.asarray(affine)[:n, n]
+
+
+def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``Volume`` -> RAS, resampled to ``spacing`` (mm), windowed to [0, 1]: ``(array (X, Y, Z), affine)``."""
+    from alice3d.data.io import reorient_to_ras, resample_to_spacing
+    from alice3d.data.volumes import normalize_hu
+
+    v = resample_to_spacing(reorient_to_ras(volume), tuple(float(s) for s in spacing))
+    return normalize_hu(v.array, hu_window), np.asarray(v.affine, dtype=np.float64)
+
+
+def _as_volume(item):
+    from alice3d.data.io import Volume, load_volume
+
+    if isinstance(item, Volume):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return load_volume(item)
+    raise TypeError(f"expected a Volume or an image path, got {type(item).__name__}")
+
+
+# ----------------------------------------------------------------------------- search primitives
+
+
+def interp_rows(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Multilinear interpolation of ``grid (*S, D)`` at continuous indices ``idx (N, n)`` -> ``(N, D)``.
+
+    Indices are clamped to the grid (like ``F.interpolate`` at the borders).
+    """
+    n = idx.shape[1]
+    shape = torch.tensor(grid.shape[:n], dtype=torch.float64)
+    idx = torch.minimum(idx.double().clamp(min=0), shape - 1)
+    lo = idx.floor().long()
+    frac = (idx - lo).float()
+    hi = torch.minimum(lo + 1, (shape - 1).long())
+    out = 0
+    for corner in range(2**n):
+        w = torch.ones(len(idx))
+        sel = []
+        for d in range(n):
+            up = (corner >> d) & 1
+            sel.append(hi[:, d] if up else lo[:, d])
+            w = w * (frac[:, d] if up else 1 - frac[:, d])
+        out = out + w[:, None] * grid[tuple(sel)].float()
+    return out
+
+
+def upsample_sim(coarse_sim: torch.Tensor, factor: int, fine_shape: Sequence[int]) -> torch.Tensor:
+    """Coarse similarity maps ``(N, *Sc)`` -> fine grid ``(N, *fine_shape)`` (align_corners=False)."""
+    n = len(fine_shape)
+    mode = ("linear", "bilinear", "trilinear")[n - 1]
+    up = F.interpolate(coarse_sim[:, None], scale_factor=factor, mode=mode, align_corners=False)[:, 0]
+    return up[(slice(None), *[slice(0, s) for s in fine_shape])]
+
+
+def coarse_sim_at(coarse_sim: torch.Tensor, fine_idx: torch.Tensor, factor: int) -> torch.Tensor:
+    """One coarse similarity map ``(*Sc)`` upsampled, read at integer fine indices ``(K, n)`` -> ``(K,)``."""
+    cidx = (fine_idx.double() + 0.5) / factor - 0.5
+    return interp_rows(coarse_sim[..., None], cidx)[:, 0]
+
+
+def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    out = []
+    for s in reversed(shape):
+        out.append(flat % s)
+        flat = torch.div(flat, s, rounding_mode="floor")
+    return torch.stack(out[::-1], dim=-1)
+
+
+def _ravel(idx: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    flat = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
+    for d, s in enumerate(shape):
+        flat = flat * int(s) + idx[:, d]
+    return flat
+
+
+# ----------------------------------------------------------------------------- matcher
+
+
+class Matcher:
+    """Find points of volume A in volume B (world mm in, world mm out).
+
+    ``model``: path to ``landmark.pt`` or a :class:`LandmarkNet` (then ``spacing`` and
+    ``hu_window`` describe its input; defaults of :class:`LandmarkConfig`).
+    ``cache_dir``: on-disk embedding cache (default ``$ALICE3D_CACHE/embeddings`` or
+    ``~/.cache/alice3d/embeddings``); ``use_cache=False`` keeps embeddings in memory only.
+    ``search``: ``"pruned"`` (exact branch-and-bound, fast on CPU), ``"full"`` (dense
+    similarity maps, fast on GPU) or ``"auto"`` (full on CUDA, pruned otherwise).
+    """
+
+    def __init__(self, model: str | os.PathLike | LandmarkNet, cache_dir: str | os.PathLike | None = None,
+                 device: str | torch.device = "cpu", use_cache: bool = True, search: str = "auto",
+                 fine_weight: float | None = None, refine: bool | None = None,
+                 spacing: Sequence[float] | None = None, hu_window: Sequence[float] | None = None,
+                 memory_items: int = 32, verify_cache: bool = True, chunk_voxels: int | None = None):
+        defaults = LandmarkConfig()
+        if isinstance(model, LandmarkNet):
+            self.net, meta = model, {}
+        else:
+            self.net, meta = load_landmark_model(model)
+        match_meta = meta.get("match", {})
+        self.spacing = tuple(float(s) for s in (spacing or meta.get("spacing") or defaults.data.spacing))
+        self.hu_window = tuple(float(h) for h in (hu_window or meta.get("hu_window") or defaults.data.hu_window))
+        self.fine_weight = float(fine_weight if fine_weight is not None else match_meta.get("fine_weight", defaults.match.fine_weight))
+        self.refine = bool(refine if refine is not None else match_meta.get("refine", defaults.match.refine))
+        self.chunk_voxels = int(chunk_voxels or match_meta.get("chunk_voxels", defaults.match.chunk_voxels))
+        if search not in ("auto", "full", "pruned"):
+            raise ValueError(f"search: expected 'auto', 'full' or 'pruned', got {search!r}")
+        self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.search = search if search != "auto" else ("full" if self.device.type == "cuda" else "pruned")
+        self.net = self.net.to(self.device).eval()
+        self.use_cache = use_cache
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.verify_cache = verify_cache
+        self.memory_items = memory_items
+        self._memory: OrderedDict[str, Embedding] = OrderedDict()
+        self.model_key = model_key(self.net, self.spacing, self.hu_window)
+        self.stats = {"computed": 0, "disk_hits": 0, "memory_hits": 0, "recomputed_bad_cache": 0}
+
+    # ------------------------------------------------------------- embeddings
+
+    def image_key(self, volume) -> str:
+        return hash_arrays(np.asarray(volume.array, dtype=np.float32), np.round(np.asarray(volume.affine, np.float64), 6))
+
+    def cache_path(self, image_key: str) -> Path:
+        return self.cache_dir / self.model_key[:20] / f"{image_key}.emb"
+
+    def embed(self, volume) -> Embedding:
+        """Embedding of a ``Volume`` or image path: memory LRU -> disk cache -> network."""
+        if isinstance(volume, Embedding):
+            return volume
+        vol = _as_volume(volume)
+        key = self.image_key(vol)
+        name = Path(vol.path).name if getattr(vol, "path", "") else key[:12]
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.stats["memory_hits"] += 1
+            return self._memory[key]
+        emb = None
+        path = self.cache_path(key)
+        if self.use_cache and path.exists():
+            try:
+                emb = self._read(path, key, name)
+                self.stats["disk_hits"] += 1
+            except CacheError as e:
+                log.warning("embedding cache entry unusable, recomputing: %s", e)
+                self.stats["recomputed_bad_cache"] += 1
+        if emb is None:
+            emb = self._compute(vol, key, name)
+            self.stats["computed"] += 1
+            if self.use_cache:
+                self._write(path, emb)
+                emb = self._read(path, key, name, verify=False)  # memory-mapped, not resident
+        self._memory[key] = emb
+        while len(self._memory) > self.memory_items:
+            self._memory.popitem(last=False)
+        return emb
+
+    def _compute(self, vol, key: str, name: str) -> Embedding:
+        arr, aff = prepare_array(vol, self.spacing, self.hu_window)
+        x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(self.device)
+        fine, coarse = embed_volume(self.net, x)
+        n = fine.ndim - 1
+        perm = (*range(1, n + 1), 0)
+        return Embedding(
+            fine=fine.permute(perm).to(torch.float16).contiguous().cpu(),
+            coarse=coarse.permute(perm).float().contiguous().cpu(),
+            fine_affine=grid_affine(aff, self.net.cfg.fine_stride).numpy(),
+            coarse_affine=grid_affine(aff, self.net.cfg.coarse_stride).numpy(),
+            source_shape=tuple(int(s) for s in vol.array.shape),
+            source_affine=np.asarray(vol.affine, dtype=np.float64),
+            key=key, name=name,
+        )
+
+    def _write(self, path: Path, emb: Embedding) -> None:
+        meta = {"image_key": emb.key, "model_key": self.model_key, "name": emb.name,
+                "fine_affine": emb.fine_affine.tolist(), "coarse_affine": emb.coarse_affine.tolist(),
+                "source_shape": list(emb.source_shape), "source_affine": emb.source_affine.tolist()}
+        try:
+            write_entry(path, {"fine": emb.fine.numpy(), "coarse": emb.coarse.numpy()}, meta)
+        except OSError as e:
+            log.warning("could not write embedding cache %s (%s); continuing without it", path, e)
+
+    def _read(self, path: Path, key: str, name: str, verify: bool | None = None) -> Embedding:
+        arrays, meta = read_entry(path, verify=self.verify_cache if verify is None else verify,
+                                  expect_meta={"image_key": key, "model_key": self.model_key})
+        try:
+            fine, coarse = arrays["fine"], arrays["coarse"]
+            emb = Embedding(
+                fine=torch.from_numpy(fine), coarse=torch.from_numpy(np.asarray(coarse, dtype=np.float32)),
+                fine_affine=np.asarray(meta["fine_affine"], dtype=np.float64),
+                coarse_affine=np.asarray(meta["coarse_affine"], dtype=np.float64),
+                source_shape=tuple(meta["source_shape"]), source_affine=np.asarray(meta["source_affine"], np.float64),
+                key=key, name=meta.get("name", name),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{path}: header misses a field ({e})") from None
+        if fine.ndim != 4 or coarse.ndim != 4 or fine.shape[-1] != coarse.shape[-1]:
+            raise CacheError(f"{path}: unexpected array shapes fine {fine.shape}, coarse {coarse.shape}")
+        return emb
+
+    # ------------------------------------------------------------- matching
+
+    def match(self, source, target, points_world) -> tuple[np.ndarray, np.ndarray]:
+        """``points_world (N, 3)`` in A -> ``(points in B (N, 3) world mm, scores (N,))``."""
+        return self.match_embeddings(self.embed(source), self.embed(target), points_world)
+
+    def query(self, emb_a: Embedding, points_world) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine and coarse query vectors ``(N, D)`` at world points of A (interpolated, unit length)."""
+        pts = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
+        if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
+            raise MatchError(f"points must be finite (N, 3) world coordinates in mm, got shape {pts.shape}")
+        emb_a.check_inside(pts)
+        fi = torch.from_numpy(_apply(np.linalg.inv(emb_a.fine_affine), pts))
+        ci = torch.from_numpy(_apply(np.linalg.inv(emb_a.coarse_affine), pts))
+        q_f = F.normalize(interp_rows(emb_a.fine, fi), dim=1)
+        q_c = F.normalize(interp_rows(emb_a.coarse, ci), dim=1)
+        return q_f, q_c
+
+    def match_embeddings(self, emb_a: Embedding, emb_b: Embedding, points_world) -> tuple[np.ndarray, np.ndarray]:
+        q_f, q_c = self.query(emb_a, points_world)
+        if len(q_f) == 0:
+            return np.zeros((0, 3)), np.zeros(0)
+        coarse_sim = torch.einsum("nd,...d->n...", q_c, emb_b.coarse.float())  # (N, *Sc)
+        if self.search == "full":
+            best, score = self._search_full(q_f, coarse_sim, emb_b)
+        else:
+            best, score = zip(*(self._search_pruned(q_f[i], coarse_sim[i], emb_b) for i in range(len(q_f))))
+            best, score = torch.stack(best), torch.stack(score)
+        idx = best.double()
+        if self.refine:
+            idx = idx + self._refine(q_f, coarse_sim, emb_b, best)
+        # fp16 storage can push a cosine a hair past 1
+        return _apply(emb_b.fine_affine, idx.numpy()), score.float().clamp(-1.0, 1.0).numpy()
+
+    def _combined(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding, idx: torch.Tensor) -> torch.Tensor:
+        """Combined similarity of one query at integer fine indices ``(K, n)`` -> ``(K,)``."""
+        rows = emb.fine[tuple(idx.T)].float()
+        w = self.fine_weight
+        return w * (rows @ q_f.float()) + (1 - w) * coarse_sim_at(coarse_sim, idx, emb.factor)
+
+    def _search_full(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = emb.fine_shape
+        m = int(np.prod(shape))
+        dev = self.device
+        fine = emb.fine.reshape(m, -1)
+        if dev.type == "cuda":
+            fine = self._on_device(emb)
+        step = max(1, self.chunk_voxels // max(m, 1))
+        best, score = [], []
+        w = self.fine_weight
+        for s in range(0, len(q_f), step):
+            if dev.type == "cuda":
+                qf = q_f[s:s + step].to(dev, fine.dtype)
+                sim = (qf @ fine.T).float().reshape(len(qf), *shape)
+            else:  # CPU: float32 products (half-precision matmul is slow and rounds differently)
+                qf = q_f[s:s + step].float()
+                sim = torch.cat([qf @ fine[v:v + 65536].float().T for v in range(0, m, 65536)], dim=1)
+                sim = sim.reshape(len(qf), *shape)
+            sim = w * sim + (1 - w) * upsample_sim(coarse_sim[s:s + step].to(dev), emb.factor, shape)
+            val, flat = sim.reshape(len(qf), -1).max(dim=1)
+            best.append(_unravel(flat.cpu(), shape))
+            score.append(val.cpu())
+        return torch.cat(best), torch.cat(score)
+
+    def _on_device(self, emb: Embedding) -> torch.Tensor:
+        cached = getattr(emb, "_device_fine", None)
+        if cached is None or cached.device != self.device:
+            cached = emb.fine.reshape(-1, emb.fine.shape[-1]).to(self.device)
+            emb._device_fine = cached  # type: ignore[attr-defined]
+        return cached
+
+    def _search_pruned(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact argmax of the combined similarity of one query, visiting few coarse cells."""
+        shape = emb.fine_shape
+        n = len(shape)
+        f = emb.factor
+        w = self.fine_weight
+        csim = coarse_sim.float()
+        cshape = csim.shape
+        # Lower bound: the best voxel inside the most similar coarse cell.
+        first = _unravel(csim.argmax().reshape(1), cshape)
+        idx = self._cell_voxels(first, f, shape)
+        vals = self._combined(q_f, csim, emb, idx)
+        best_val, k = vals.max(0)
+        best_idx = idx[k]
+        # Upper bound of any voxel of a cell: w * max fine (1, plus fp16 slack) + (1 - w) * the
+        # largest coarse value among the cell and its neighbours (linear upsampling mixes only those).
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+        bound = w * 1.002 + (1 - w) * pool(csim[None, None], 3, stride=1, padding=1)[0, 0]
+        todo = bound >= best_val
+        todo[tuple(first.T)] = False
+        cells = torch.nonzero(todo)
+        if len(cells) * f**n > 0.3 * np.prod(shape):
+            # Flat similarity landscape (e.g. an untrained model): a dense pass is cheaper.
+            idx, val = self._search_full(q_f[None], coarse_sim[None], emb)
+            return idx[0], val[0]
+        if len(cells):
+            idx = self._cell_voxels(cells, f, shape)
+            vals = self._combined(q_f, csim, emb, idx)
+            v, k = vals.max(0)
+            if v > best_val:
+                best_val, best_idx = v, idx[k]
+        return best_idx, best_val
+
+    @staticmethod
+    def _cell_voxels(cells: torch.Tensor, factor: int, shape: Sequence[int]) -> torch.Tensor:
+        """All fine indices ``(K, n)`` inside the given coarse cells ``(C, n)`` (clipped to the grid)."""
+        n = cells.shape[1]
+        offs = torch.stack(torch.meshgrid(*[torch.arange(factor)] * n, indexing="ij"), -1).reshape(-1, n)
+        idx = (cells[:, None, :] * factor + offs[None]).reshape(-1, n)
+        keep = (idx < torch.tensor(list(shape))).all(dim=1)
+        return idx[keep]
+
+    def _refine(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding, best: torch.Tensor) -> torch.Tensor:
+        """Sub-voxel offsets ``(N, n)`` from a parabola through each axis' neighbours of the peak."""
+        shape = torch.tensor(list(emb.fine_shape))
+        n = best.shape[1]
+        out = torch.zeros(best.shape, dtype=torch.float64)
+        for i in range(len(best)):
+            pts = [best[i]]
+            for d in range(n):
+                for s in (-1, 1):
+                    p = best[i].clone()
+                    p[d] = (p[d] + s).clamp(0, int(shape[d]) - 1)
+                    pts.append(p)
+            vals = self._combined(q_f[i], coarse_sim[i].float(), emb, torch.stack(pts)).double()
+            for d in range(n):
+                lo, hi = vals[1 + 2 * d], vals[2 + 2 * d]
+                at_edge = best[i, d] == 0 or best[i, d] == shape[d] - 1
+                curv = lo - 2 * vals[0] + hi
+                if at_edge or curv >= 0:
+                    continue
+                out[i, d] = float((0.5 * (lo - hi) / curv).clamp(-0.5, 0.5))
+        return out
+
+
+def parse_points(text: str) -> np.ndarray:
+    """``"x,y,z;x,y,z"`` -> ``(N, 3)`` world mm; MatchError saying what was expected."""
+    pts = []
+    for part in text.replace("\n", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        vals = part.replace(" ", ",").split(",")
+        vals = [v for v in vals if v]
+        try:
+            xyz = [float(v) for v in vals]
+        except ValueError:
+            xyz = []
+        if len(xyz) != 3:
+            raise MatchError(f"--points: expected 'x,y,z;x,y,z;...' in world mm, could not read {part!r}")
+        pts.append(xyz)
+    if not pts:
+        raise MatchError("--points: no points given (expected 'x,y,z;x,y,z;...' in world mm)")
+    return np.asarray(pts, dtype=np.float64)

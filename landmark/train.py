@@ -1,0 +1,91 @@
+"""Self-supervised training of the landmark model with the shared alice3d trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from alice3d.config import save_config, to_dict
+from landmark.config import LandmarkConfig
+from landmark.loss import landmark_loss
+from landmark.model import LandmarkNet, build_model
+from landmark.sampling import TrainVolume, ViewPairDataset, make_train_volume
+
+log = logging.getLogger("alice3d.landmark")
+
+MODEL_KIND = "alice3d-landmark"
+
+
+class LandmarkModule(nn.Module):
+    """Trainer-facing method: ``forward(batch) -> {"loss", "loss_fine", "loss_coarse", ...}``."""
+
+    def __init__(self, cfg: LandmarkConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net: LandmarkNet = build_model(cfg.model)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        v1, v2 = batch["view1"], batch["view2"]
+        fine, coarse = self.net(torch.cat([v1, v2]).float())
+        b = v1.shape[0]
+        seed = int(batch["seed"]) if "seed" in batch else 0
+        return landmark_loss(fine[:b].float(), coarse[:b].float(), batch["affine1"],
+                             fine[b:].float(), coarse[b:].float(), batch["affine2"], self.cfg.loss, seed)
+
+    def metadata(self) -> dict:
+        return model_metadata(self.cfg)
+
+
+def model_metadata(cfg: LandmarkConfig) -> dict:
+    """What a matcher needs to rebuild and feed the network (stored in landmark.pt)."""
+    return {
+        "kind": MODEL_KIND,
+        "format": 1,
+        "model": to_dict(cfg.model),
+        "spacing": list(cfg.data.spacing),
+        "hu_window": list(cfg.data.hu_window),
+        "match": to_dict(cfg.match),
+    }
+
+
+def save_landmark_model(net: LandmarkNet, cfg: LandmarkConfig, path: str | Path) -> Path:
+    from alice3d.train.checkpoint import atomic_save
+
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return atomic_save({"state_dict": state, "metadata": model_metadata(cfg)}, path)
+
+
+def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir: str | Path,
+                   resume: bool = False) -> Path:
+    """Train on in-memory volumes; writes RUN/config.yaml, RUN/metrics.jsonl, RUN/landmark.pt."""
+    from alice3d.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    module = LandmarkModule(cfg)
+    dataset = ViewPairDataset(volumes, cfg.crop, cfg.train.batch_size, seed=cfg.train.seed,
+                              fine_stride=cfg.model.fine_stride)
+    trainer = Trainer(module, cfg.train, run_dir, full_config=cfg)
+    result = trainer.fit(dataset, resume=resume)
+    if result.interrupted:
+        log.warning("training interrupted by %s at step %d; resume with --resume", result.signal_name, result.step)
+    out = save_landmark_model(module.net, cfg, run_dir / "landmark.pt")
+    log.info("landmark model written: %s (step %d)", out, result.step)
+    return out
+
+
+def load_train_volumes(cfg: LandmarkConfig) -> list[TrainVolume]:
+    """Read every volume once (RAS, model spacing, HU window) and keep it in memory."""
+    from alice3d.data.volumes import load_volume_set, resolve_image_paths
+
+    paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
+    vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data, min_volumes=1)
+    log.info("%s", vset.summary())
+    return [make_train_volume(v.array, v.affine, cfg.crop.body_threshold, name=Path(v.path).name, seed=i)
+            for i, v in enumerate(vset.volumes)]

@@ -1,0 +1,94 @@
+"""Landmark matcher speed: embedding time per volume, cache load time, per-query latency.
+
+    python scripts/bench_landmark.py [--model RUN/landmark.pt] [--device cpu|cuda] [--threads N]
+
+Volumes: two subjects of the embedded phantom cohort (about 210 x 210 x 140 voxels at
+2 mm, i.e. an abdomen). Query latency is measured with a warm cache (embeddings already
+computed), single queries and a batch of 100, for both search modes. Without --model an
+untrained network of the default configuration is used (its flat similarity maps are the
+worst case for the pruned search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _timed(fn, repeats: int = 1) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="RUN/landmark.pt (default: untrained default config)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from alice3d.data.io import load_volume
+    from alice3d.data.phantom import default_cohort
+    from landmark.config import LandmarkConfig
+    from landmark.evaluate import sample_body_points
+    from landmark.match import Matcher
+    from landmark.model import build_model
+
+    root = default_cohort()
+    vols = [load_volume(root / "imagesTr" / f"img000{i}.nii.gz") for i in (1, 2)]
+    if args.model is not None:
+        model = args.model
+    else:
+        torch.manual_seed(0)
+        model = build_model(LandmarkConfig().model).eval()
+    result: dict = {"device": args.device, "threads": torch.get_num_threads(), "model": str(args.model),
+                    "volume_shape": list(vols[0].shape), "volume_spacing": [round(s, 2) for s in vols[0].spacing]}
+    with tempfile.TemporaryDirectory() as cache:
+        m = Matcher(model, cache_dir=cache, device=args.device)
+        t_embed = []
+        for v in vols:
+            t, emb = _timed(lambda v=v: m.embed(v))
+            t_embed.append(t)
+        result["embed_s_per_volume"] = [round(t, 3) for t in t_embed]
+        result["fine_grid"] = list(emb.fine_shape)
+        result["cache_mb_per_volume"] = round(sum(f.stat().st_size for f in Path(cache).rglob("*.emb")) / 2 / 2**20, 1)
+        warm = Matcher(model, cache_dir=cache, device=args.device)
+        t_load, _ = _timed(lambda: [warm.embed(v) for v in vols])
+        result["cache_load_s_per_volume"] = round(t_load / len(vols), 3)
+        rng = np.random.default_rng(0)
+        pts = sample_body_points(vols[0], args.queries, rng)
+        ea, eb = warm.embed(vols[0]), warm.embed(vols[1])
+        for search in ("pruned", "full"):
+            warm.search = search
+            warm.match_embeddings(ea, eb, pts[:2])  # warm-up
+            singles = []
+            for q in pts[:20]:
+                t, _ = _timed(lambda q=q: warm.match_embeddings(ea, eb, q[None]))
+                singles.append(t)
+            t_batch, _ = _timed(lambda: warm.match_embeddings(ea, eb, pts), repeats=3)
+            result[f"{search}_ms_per_query"] = round(1000 * statistics.median(singles), 2)
+            result[f"{search}_s_per_{args.queries}_queries"] = round(t_batch, 3)
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Matching in world coordinates: exact search, shift/flip/spacing changes, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from alice3d.data.io import Volume, reorient_array
+from alice3d.train.checkpoint import CheckpointError, atomic_save
+from landmark.config import LandmarkConfig, ModelConfig
+from landmark.match import MatchError, Matcher, interp_rows, load_landmark_model, parse_points
+from landmark.model import build_model, recalibrate_norms
+from landmark.train import save_landmark_model
+
+TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    arr = (ndimage.gaussian_filter(rng.normal(size=(48, 40, 32)), 1.2) * 8000).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-48.0, -40.0, 12.0]
+    return Volume(arr, aff, "a.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def net(volume):
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.clip((volume.array + 1024) / 4095, 0, 1))[None, None]
+    return recalibrate_norms(build_model(TINY), [x[..., :32, :32, :32]]).eval()
+
+
+def _points(volume, n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    return volume.voxel_to_world(rng.uniform(4, np.asarray(volume.shape) - 5, size=(n, 3)))
+
+
+def test_pruned_search_equals_full_search(net, volume, tmp_path):
+    pts = _points(volume)
+    other = Volume(np.roll(volume.array, 5, axis=0), volume.affine, "b")
+    pruned = Matcher(net, cache_dir=tmp_path, search="pruned")
+    full = Matcher(net, cache_dir=tmp_path, search="full")
+    for w in (0.5, 0.8, 1.0):
+        pruned.fine_weight = full.fine_weight = w
+        pb, sb = pruned.match(volume, other, pts)
+        pf, sf = full.match(volume, other, pts)
+        np.testing.assert_allclose(pb, pf, atol=1e-6)
+        np.testing.assert_allclose(sb, sf, atol=1e-5)
+
+
+def test_same_image_voxel_centres_match_themselves(net, volume, tmp_path):
+    m = Matcher(net, cache_dir=tmp_path, fine_weight=1.0, refine=False)
+    emb = m.embed(volume)
+    ijk = np.array([[3, 4, 5], [10, 2, 7], [20, 15, 3], [6, 6, 6]])
+    pts = ijk @ emb.fine_affine[:3, :3].T + emb.fine_affine[:3, 3]
+    found, scores = m.match(volume, volume, pts)
+    np.testing.assert_allclose(found, pts, atol=1e-6)
+    np.testing.assert_allclose(scores, 1.0, atol=2e-3)  # fp16 storage
+
+
+def test_translated_copy_gives_translated_matches(net, volume, tmp_path):
+    m = Matcher(net, cache_dir=tmp_path)
+    pts = _points(volume)
+    ref, ref_s = m.match(volume, volume, pts)
+    t = np.array([13.0, -7.5, 40.25])
+    aff = volume.affine.copy()
+    aff[:3, 3] += t
+    found, s = m.match(volume, Volume(volume.array, aff, "moved"), pts)
+    np.testing.assert_allclose(found, ref + t, atol=1e-6)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "LAI", "PIR"])
+def test_reoriented_copy_gives_identical_world_matches(net, volume, tmp_path, codes):
+    m = Matcher(net, cache_dir=tmp_path)
+    pts = _points(volume)
+    ref, _ = m.match(volume, volume, pts)
+    arr, aff = reorient_array(volume.array, volume.affine, codes)
+    assert not np.allclose(aff, volume.affine)
+    found, _ = m.match(volume, Volume(arr, aff, codes), pts)
+    np.testing.assert_allclose(found, ref, atol=1e-6)
+    back, _ = m.match(Volume(arr, aff, codes), volume, pts)  # as the source too
+    np.testing.assert_allclose(back, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 1, 3)])
+def test_finer_spacing_copy_gives_identical_world_matches(net, volume, tmp_path, factors):
+    """B stores A on a finer grid (each voxel repeated); resampled to the model spacing it is A again."""
+    m = Matcher(net, cache_dir=tmp_path)
+    pts = _points(volume)
+    ref, _ = m.match(volume, volume, pts)
+    f = np.asarray(factors)
+    arr = volume.array
+    for axis, k in enumerate(f):
+        arr = np.repeat(arr, k, axis=axis)
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(1.0 / f)
+    scale[:3, 3] = 0.5 / f - 0.5  # voxel j of B sits at A index (j + 0.5) / f - 0.5
+    fine = Volume(arr, volume.affine @ scale, "fine")
+    assert np.allclose(fine.spacing, np.asarray(volume.spacing) / f)
+    found, _ = m.match(volume, fine, pts)
+    np.testing.assert_allclose(found, ref, atol=1e-4)
+
+
+def test_point_outside_source_is_an_error(net, volume, tmp_path):
+    m = Matcher(net, cache_dir=tmp_path)
+    with pytest.raises(MatchError, match=r"1 query point\(s\) outside volume.*500.0,0.0,0.0"):
+        m.match(volume, volume, np.array([[0.0, 0.0, 30.0], [500.0, 0.0, 0.0]]))
+    with pytest.raises(MatchError, match="finite"):
+        m.match(volume, volume, np.array([[np.nan, 0.0, 0.0]]))
+
+
+def test_parse_points():
+    np.testing.assert_allclose(parse_points("1,2,3; -4.5,5,6e1"), [[1, 2, 3], [-4.5, 5, 60]])
+    for bad in ["1,2", "a,b,c", "", "1,2,3,4"]:
+        with pytest.raises(MatchError, match="x,y,z"):
+            parse_points(bad)
+
+
+def test_interp_rows_is_exact_at_voxels_and_linear_between():
+    grid = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4, 1)
+    idx = torch.tensor([[1.0, 2.0, 3.0], [0.5, 1.0, 1.0], [5.0, -3.0, 0.0]])
+    out = interp_rows(grid, idx)[:, 0]
+    torch.testing.assert_close(out, torch.tensor([23.0, 0.5 * (5 + 17), 12.0]))
+
+
+def test_model_file_roundtrip_and_wrong_kind(net, volume, tmp_path):
+    cfg = LandmarkConfig()
+    cfg.model = TINY
+    path = save_landmark_model(net, cfg, tmp_path / "landmark.pt")
+    loaded, meta = load_landmark_model(path)
+    assert meta["kind"] == "alice3d-landmark" and meta["spacing"] == [2.0, 2.0, 2.0]
+    assert meta["hu_window"] == [-1024.0, 3071.0]
+    a = Matcher(net, cache_dir=tmp_path / "c1")
+    b = Matcher(path, cache_dir=tmp_path / "c2")
+    assert a.model_key == b.model_key
+    np.testing.assert_array_equal(a.embed(volume).fine.numpy(), b.embed(volume).fine.numpy())
+    atomic_save({"metadata": {"kind": "alice3d-encoder"}, "state_dict": {}}, tmp_path / "encoder.pt")
+    with pytest.raises(CheckpointError, match="expected a file of kind 'alice3d-landmark'"):
+        Matcher(tmp_path / "encoder.pt")

@@ -1,0 +1,80 @@
+"""Training views: voxel world positions follow the fine-grid affines; determinism; augmentation."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from landmark.config import CropConfig
+from landmark.loss import grid_world
+from landmark.sampling import (
+    ViewPairDataset, crop_grid, gaussian_blur, make_train_volume, sample_crop, sample_view_pair,
+)
+
+AFF = np.array([[0.0, -2.0, 0, 40], [2.0, 0, 0, -40], [0, 0, 2.5, -30], [0, 0, 0, 1]])  # rotated axes
+SHAPE = (40, 36, 30)
+
+
+def _world_volume(axis: int) -> np.ndarray:
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1).astype(np.float64)
+    return (idx @ AFF[:3, :3].T + AFF[:3, 3])[..., axis].astype(np.float32)
+
+
+def test_crop_grid_and_sample_crop_are_exact_for_a_linear_image():
+    img = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"))[0].astype(np.float32))
+    m = crop_grid(np.array([20.0, 10.0, 5.0]), 0.5, (4, 4, 4))
+    out = sample_crop(img[None], m, (4, 4, 4))[0]
+    np.testing.assert_allclose(out[:, 0, 0].numpy(), 20 + (np.arange(4) - 1.5) * 0.5, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_fine_grid_affines_give_world_positions_of_view_voxels(axis):
+    """Pooling a view 2x gives the image at the fine voxels; the image stores world coordinates."""
+    world = _world_volume(axis)
+    vol = make_train_volume(world, AFF, body_threshold=-1e9)
+    vol.image = torch.cat([vol.image, torch.ones_like(vol.image)])  # second channel flags "inside"
+    cfg = CropConfig(size=(16, 16, 16), noise_std=0.0, blur_prob=0.0, intensity_jitter=0.0)
+    pair = sample_view_pair(vol, cfg, np.random.default_rng(axis))
+    for k in (1, 2):
+        pooled = F.avg_pool3d(pair[f"view{k}"][None], 2)[0]
+        expect = grid_world(pair[f"affine{k}"], (8, 8, 8))[:, axis].reshape(8, 8, 8)
+        inside = pooled[1] > 0.999
+        assert inside.sum() > 20
+        np.testing.assert_allclose(pooled[0][inside].numpy(), expect[inside].numpy(), atol=2e-3)
+
+
+def test_views_differ_in_scale_within_range_and_overlap():
+    vol = make_train_volume(np.random.rand(*SHAPE).astype(np.float32), AFF, body_threshold=0.5)
+    cfg = CropConfig(size=(16, 16, 16), scale_range=(0.8, 1.2), shared_seed_prob=1.0)
+    for seed in range(5):
+        pair = sample_view_pair(vol, cfg, np.random.default_rng(seed))
+        s1 = np.linalg.norm(pair["affine1"][:3, 0].numpy()) / (2 * 2.0)
+        s2 = np.linalg.norm(pair["affine2"][:3, 0].numpy()) / (2 * 2.0)
+        assert 0.8 <= s1 <= 1.2 and 0.8 <= s2 <= 1.2
+        c1 = pair["affine1"][:3] @ torch.tensor([3.5, 3.5, 3.5, 1.0])
+        c2 = pair["affine2"][:3] @ torch.tensor([3.5, 3.5, 3.5, 1.0])
+        assert (c1 - c2).norm() < 0.6 * 16 * 2.0 * 1.2 * np.sqrt(3)  # centres within the shift range
+
+
+def test_dataset_is_deterministic_per_index():
+    vols = [make_train_volume(np.random.rand(*SHAPE).astype(np.float32), AFF, 0.5, seed=i) for i in range(3)]
+    ds = ViewPairDataset(vols, CropConfig(size=(16, 16, 16)), batch_size=2, seed=4)
+    a, b, c = ds[10], ds[10], ds[11]
+    assert a["view1"].shape == (2, 1, 16, 16, 16) and a["affine2"].shape == (2, 4, 4)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["view1"], c["view1"])
+    assert ds.yields_batches
+
+
+def test_gaussian_blur_preserves_mass_and_constants():
+    x = torch.zeros(1, 9, 9, 9)
+    x[0, 4, 4, 4] = 1.0
+    y = gaussian_blur(x, 1.0)
+    assert y.sum().item() == pytest.approx(1.0, abs=1e-5) and y[0, 4, 4, 4] < 0.1
+    torch.testing.assert_close(gaussian_blur(torch.full((2, 6, 6), 3.0), 0.7), torch.full((2, 6, 6), 3.0))
+
+
+def test_volume_without_body_still_gives_seeds():
+    vol = make_train_volume(np.zeros(SHAPE, np.float32), AFF, body_threshold=0.5)
+    assert len(vol.body) > 0
