@@ -19,26 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from alice3d.data.crops import crop_at
+
 log = logging.getLogger("alice3d.landmark")
 
 
 class PairError(ValueError):
     """Volumes or settings that cannot produce crop pairs (sizes, geometry, missing sources)."""
-
-
-def crop_at(array: np.ndarray, center: Sequence[int], size: Sequence[int], pad_value: float) -> np.ndarray:
-    """``size`` voxels whose voxel ``size // 2`` is ``center``; outside the array = ``pad_value``."""
-    out = np.full(tuple(size), pad_value, dtype=np.float32)
-    src, dst = [], []
-    for c, s, n in zip(center, size, array.shape):
-        start = int(c) - s // 2
-        lo, hi = max(start, 0), min(start + s, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
 
 
 @dataclass
