@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     pred_dir = held / "bundle_output"
     run_stage("bundle run on a held-out phantom",
               [py, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-               "--bundle_root", str(bundle), "--datalist", json.dumps([{"image": str(image)}]),
-               "--output_dir", str(pred_dir)],
+               "--bundle_root", str(bundle), "--datalist", repr([str(image)]),
+               "--output_dir", str(pred_dir), "--device", "cpu"],
               pred_dir / ".done", log)
     (pred_dir / ".done").touch()
 
@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     print("\n== Summary")
     for k, v in summary["outputs"].items():
         print(f"  {k:24s} {v}")
-    per_organ = results.get("per_organ", {})
+    metrics = results.get("metrics", {})
+    per_organ = metrics.get("per_organ", {})
     if per_organ:
-        print("\n  organ                 val Dice   held-out Dice")
+        print("\n  organ                  val Dice   held-out Dice (bundle)")
         for name, m in per_organ.items():
-            d = m.get("dice") if isinstance(m, dict) else m
-            print(f"  {name:20s} {d if d is None else f'{d:8.3f}'}   {held_dice.get(name, float('nan')):8.3f}")
-    if "mean_dice" in results:
-        print(f"\n  mean validation Dice: {results['mean_dice']:.3f}")
+            d = m.get("dice", {}).get("mean", float("nan"))
+            print(f"  {name:22s} {d:8.3f}   {held_dice.get(name, float('nan')):8.3f}")
+    if "mean_dice" in metrics:
+        print(f"\n  mean validation Dice: {metrics['mean_dice']:.3f} ({results.get('n_cases')} phantoms)")
     print(f"  bundle output in the input's space (shape and affine): {same_space}")
     print(f"  total time: {summary['total_seconds']:.0f} s; details in {out / 'summary.json'}")
 
