@@ -13,8 +13,9 @@
 4. mean Dice / NSD of both arms on the validation cases are printed and written to
    OUT/fewlabel_summary.{json,md}, with every command that was run.
 
-The fine-tuning task takes the encoder's spacing and HU window from its metadata (so the
-encoder sees the intensities and scale it was pretrained on) unless --keep-task-geometry.
+The fine-tuning task takes the encoder's spacing, HU window and crop size (as the ROI) from
+its metadata (so the encoder sees the scale, intensities and token grid it was pretrained
+on) unless --keep-task-geometry.
 
     python scripts/experiments/fewlabel_transfer.py --out runs/fewlabel --n-labeled 3 \
         --pretrain-steps 2000 --finetune-steps 300 --seeds 0 1 2
@@ -59,11 +60,14 @@ def tool(name: str) -> list[str]:
 
 
 def encoder_geometry(encoder: Path) -> list[str]:
-    """task.spacing / task.hu_window overrides from the encoder's metadata (when it has them)."""
+    """task.spacing / task.hu_window / task.roi overrides from the encoder's metadata (when it
+    has them): fine-tuning then sees the voxel size, intensities and token grid of pretraining."""
     from alice3d.encoders.files import load_encoder
 
     _, meta = load_encoder(encoder)
     out = []
+    if meta.get("crop_size"):
+        out.append("task.roi=[" + ",".join(str(int(s)) for s in meta["crop_size"]) + "]")
     if meta.get("spacing"):
         out.append("task.spacing=[" + ",".join(f"{float(s):g}" for s in meta["spacing"]) + "]")
     if meta.get("hu_window"):
@@ -92,7 +96,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
 def markdown(summary: dict, args: argparse.Namespace, commands: list[str]) -> str:
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
     lines = ["# Few-label transfer on phantoms", "",
-             f"{args.n_labeled} labeled training cases, {args.finetune_steps} fine-tuning steps, seeds {args.seeds}.", "",
+             f"{args.n_labeled} labeled training cases, {args.finetune_steps} fine-tuning steps, seeds {args.seeds}; "
+             f"encoder {args.encoder_used}.", "",
              "| init | mean Dice (%) | ± std over seeds | mean NSD (%) |", "|---|---:|---:|---:|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {fmt(s['mean_dice'])} | {fmt(s['std_dice'])} | {fmt(s['mean_nsd'])} |")
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     summary = summarize(results)
-    (out / "fewlabel_summary.json").write_text(json.dumps({"summary": summary, "commands": commands,
+    args.encoder_used = encoder
+    (out / "fewlabel_summary.json").write_text(json.dumps({"summary": summary, "commands": commands, "encoder": str(encoder),
                                                             "n_labeled": args.n_labeled, "seeds": args.seeds}, indent=2))
     md = markdown(summary, args, commands)
     (out / "fewlabel_summary.md").write_text(md)
