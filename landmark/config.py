@@ -15,16 +15,25 @@ from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, s
 
 @dataclass
 class ModelConfig:
-    """ResNet-style 3D backbone + FPN with a fine and a coarse embedding head."""
+    """ResNet-style 3D backbone + FPN with a fine and a coarse embedding head.
 
-    in_channels: int = 1
-    stem_width: int = 8  # full-resolution stem
-    widths: tuple[int, ...] = (16, 24, 32, 48)  # stages at strides 2, 4, 8, 16
+    Input channel 0 is the image in ``data.hu_window``; every entry of ``extra_windows``
+    (HU ranges inside that window) adds a channel of the same image under that window,
+    e.g. a soft-tissue window that makes organ boundaries visible.
+    """
+
+    extra_windows: tuple[tuple[float, float], ...] = ((-250.0, 350.0),)
+    stem_width: int = 4  # full-resolution stem
+    widths: tuple[int, ...] = (8, 16, 32, 64)  # stages at strides 2, 4, 8, 16
     blocks: tuple[int, ...] = (1, 1, 1, 1)  # residual blocks per stage; ResNet-18 = (2, 2, 2, 2)
-    fpn_dim: int = 32
+    fpn_dim: int = 16
     embed_dim: int = 128
     coarse_level: int = 4  # stage whose stride is the coarse stride (4 -> 2**4 = 16)
     norm: str = "batch"  # batch | none
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + len(self.extra_windows)
 
     @property
     def fine_stride(self) -> int:
@@ -39,7 +48,7 @@ class ModelConfig:
 class CropConfig:
     """Two augmented views of one volume per batch element (training only)."""
 
-    size: tuple[int, int, int] = (48, 48, 32)  # voxels of each view
+    size: tuple[int, int, int] = (64, 64, 48)  # voxels of each view
     scale_range: tuple[float, float] = (0.8, 1.2)  # independent per view
     shared_seed_prob: float = 0.8  # both views contain the same seed point
     shift_frac: float = 0.3  # view centre offset from the seed, fraction of the crop extent
@@ -47,6 +56,7 @@ class CropConfig:
     blur_prob: float = 0.3
     blur_sigma: tuple[float, float] = (0.3, 1.0)  # voxels
     intensity_jitter: float = 0.05  # max relative scale and absolute shift
+    gamma_range: tuple[float, float] = (0.7, 1.4)  # per-view gamma curve on the [0, 1] intensities
     body_threshold: float = 0.15  # normalized intensity above which a voxel is body
 
 
@@ -75,6 +85,7 @@ class MatchConfig:
 
     fine_weight: float = 0.5  # similarity = w * fine + (1 - w) * upsampled coarse
     refine: bool = True  # sub-voxel refinement of the peak (parabola per axis)
+    coarse_cells: int = 128  # coarse-to-fine search (CPU default): coarse cells searched at full detail
     chunk_voxels: int = 2**25  # queries x target voxels handled per block (memory bound)
 
 
@@ -132,10 +143,16 @@ class LandmarkConfig:
         lo, hi = self.data.hu_window
         if not hi > lo:
             raise ConfigError(f"data.hu_window: expected [low, high] with high > low, got {[lo, hi]}")
-        step = m.coarse_stride
+        for w in m.extra_windows:
+            if not (lo <= w[0] < w[1] <= hi):
+                raise ConfigError(
+                    f"model.extra_windows: {list(w)} must be an increasing HU range inside data.hu_window {[lo, hi]}"
+                )
+        step = 2 ** len(m.widths)
         if any(s % step for s in self.crop.size):
             raise ConfigError(
-                f"crop.size: every side must be a multiple of the coarse stride {step}, got {list(self.crop.size)}"
+                f"crop.size: every side must be a multiple of the total stride {step} (2 ** number of "
+                f"model.widths), got {list(self.crop.size)}"
             )
         if self.loss.fine_ignore_radius < self.loss.fine_pos_radius:
             raise ConfigError("loss.fine_ignore_radius must be >= loss.fine_pos_radius")

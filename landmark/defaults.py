@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("alice3d.landmark")
 
-DEFAULT_VERSION = 1  # bump when the default configuration or training changes
+DEFAULT_VERSION = 2  # bump when the default configuration or training changes
 
 
 def default_model_dir(n: int = 16, seed: int = 0) -> Path:

@@ -156,9 +156,9 @@ def untrained_network(model_meta: dict, volumes: Sequence, seed: int = 0, crops:
     rng = np.random.default_rng(seed)
     batches = []
     for v in list(volumes)[:crops]:
-        arr, _ = prepare_array(v, model_meta["spacing"], model_meta["hu_window"])
-        size = [min(64, s) for s in arr.shape]
-        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(arr.shape, size)]
-        crop = arr[tuple(slice(a, a + c) for a, c in zip(start, size))]
-        batches.append(torch.from_numpy(np.ascontiguousarray(crop))[None, None])
+        arr, _ = prepare_array(v, model_meta["spacing"], model_meta["hu_window"], net.cfg.extra_windows)
+        size = [min(64, s) for s in arr.shape[1:]]
+        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(arr.shape[1:], size)]
+        crop = arr[(slice(None), *[slice(a, a + c) for a, c in zip(start, size)])]
+        batches.append(torch.from_numpy(np.ascontiguousarray(crop))[None])
     return recalibrate_norms(net, batches).eval()

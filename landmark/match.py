@@ -12,9 +12,10 @@ Similarity of a query with voxel ``v`` of B:
 convention of :mod:`landmark.model`) upsampling of the coarse similarity map. The match
 is ``argmax S`` over every voxel of B, optionally refined to sub-voxel precision.
 
-Search on CPU is branch-and-bound and returns exactly the full-search argmax: fine
-similarities are at most 1, and an upsampled coarse value is at most the largest of its
-coarse neighbours, so coarse cells that cannot beat a known score are skipped.
+Search modes: ``full`` computes the dense map; ``pruned`` is branch-and-bound with exactly
+the full-search argmax (fine similarities are at most 1, and an upsampled coarse value is
+at most the largest of its coarse neighbours, so cells that cannot beat a known score are
+skipped); ``coarse`` scores only the voxels of the most promising coarse cells.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def load_landmark_model(path: str | os.PathLike, map_location: str | torch.devic
     obj = load_checkpoint(path, map_location=map_location, expect_kind=MODEL_KIND)
     meta = obj["metadata"]
     try:
-        cfg = from_dict(ModelConfig, meta["model"])
+        cfg = from_dict(ModelConfig, _upgrade_model_meta(meta["model"]))
     except Exception as e:  # noqa: BLE001 - any schema mismatch is reported with the file name
         raise MatchError(f"{path}: landmark model metadata does not describe a model ({e})") from None
     net = build_model(cfg)
@@ -65,6 +66,17 @@ def load_landmark_model(path: str | os.PathLike, map_location: str | torch.devic
         raise MatchError(f"{path}: weights do not fit the model described in its metadata ({e})") from None
     net.eval()
     return net, meta
+
+
+def _upgrade_model_meta(model: dict) -> dict:
+    """Metadata of older files (one input channel, ``in_channels`` stored) in today's form."""
+    model = dict(model)
+    if "in_channels" in model:
+        n = int(model.pop("in_channels"))
+        windows = model.setdefault("extra_windows", [] if n == 1 else None)
+        if windows is None or len(windows) != n - 1:
+            raise ValueError(f"in_channels={n} but extra_windows={windows}")
+    return model
 
 
 def model_key(net: LandmarkNet, spacing: Sequence[float], hu_window: Sequence[float]) -> str:
@@ -130,13 +142,20 @@ def _apply(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ np.asarray(affine)[:n, :n].T + np.asarray(affine)[:n, n]
 
 
-def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """``Volume`` -> RAS, resampled to ``spacing`` (mm), windowed to [0, 1]: ``(array (X, Y, Z), affine)``."""
-    from alice3d.data.io import reorient_to_ras, resample_to_spacing
+def window_channels(hu: np.ndarray, hu_window: Sequence[float], extra_windows: Sequence = ()) -> np.ndarray:
+    """HU array ``(*S)`` -> ``(1 + len(extra_windows), *S)`` float32, each window clipped to [0, 1]."""
     from alice3d.data.volumes import normalize_hu
 
+    return np.stack([normalize_hu(hu, w) for w in (hu_window, *extra_windows)])
+
+
+def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float],
+                  extra_windows: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
+    """``Volume`` (HU) -> RAS, resampled to ``spacing`` (mm), windowed: ``(array (C, X, Y, Z), affine)``."""
+    from alice3d.data.io import reorient_to_ras, resample_to_spacing
+
     v = resample_to_spacing(reorient_to_ras(volume), tuple(float(s) for s in spacing))
-    return normalize_hu(v.array, hu_window), np.asarray(v.affine, dtype=np.float64)
+    return window_channels(v.array, hu_window, extra_windows), np.asarray(v.affine, dtype=np.float64)
 
 
 def _as_volume(item):
@@ -184,9 +203,19 @@ def upsample_sim(coarse_sim: torch.Tensor, factor: int, fine_shape: Sequence[int
 
 
 def coarse_sim_at(coarse_sim: torch.Tensor, fine_idx: torch.Tensor, factor: int) -> torch.Tensor:
-    """One coarse similarity map ``(*Sc)`` upsampled, read at integer fine indices ``(K, n)`` -> ``(K,)``."""
-    cidx = (fine_idx.double() + 0.5) / factor - 0.5
-    return interp_rows(coarse_sim[..., None], cidx)[:, 0]
+    """One coarse similarity map ``(*Sc)`` upsampled, read at integer fine indices ``(K, n)`` -> ``(K,)``.
+
+    Same values as :func:`upsample_sim` (linear, ``align_corners=False``, borders clamped).
+    """
+    n = fine_idx.shape[1]
+    cidx = (fine_idx.float() + 0.5) / factor - 0.5
+    if n == 1:
+        return interp_rows(coarse_sim[..., None], cidx.double())[:, 0]
+    size = torch.tensor(list(coarse_sim.shape), dtype=torch.float32)
+    grid = ((2 * cidx + 1) / size - 1).flip(-1).reshape(1, -1, *([1] * (n - 1)), n)
+    out = F.grid_sample(coarse_sim.float()[None, None], grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.reshape(-1)
 
 
 def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -214,15 +243,19 @@ class Matcher:
     ``hu_window`` describe its input; defaults of :class:`LandmarkConfig`).
     ``cache_dir``: on-disk embedding cache (default ``$ALICE3D_CACHE/embeddings`` or
     ``~/.cache/alice3d/embeddings``); ``use_cache=False`` keeps embeddings in memory only.
-    ``search``: ``"pruned"`` (exact branch-and-bound, fast on CPU), ``"full"`` (dense
-    similarity maps, fast on GPU) or ``"auto"`` (full on CUDA, pruned otherwise).
+    ``search``: ``"full"`` (dense similarity maps over every voxel of B; fast on GPU),
+    ``"pruned"`` (exact branch-and-bound: same result as full, fast when similarity maps are
+    peaked), ``"coarse"`` (coarse-to-fine: exact scores on the voxels of the ``coarse_cells``
+    most similar coarse cells; fast on CPU, as accurate as full search on the phantom
+    evaluation) or ``"auto"`` (full on CUDA, coarse otherwise).
     """
 
     def __init__(self, model: str | os.PathLike | LandmarkNet, cache_dir: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", use_cache: bool = True, search: str = "auto",
                  fine_weight: float | None = None, refine: bool | None = None,
                  spacing: Sequence[float] | None = None, hu_window: Sequence[float] | None = None,
-                 memory_items: int = 32, verify_cache: bool = True, chunk_voxels: int | None = None):
+                 memory_items: int = 32, verify_cache: bool = True, chunk_voxels: int | None = None,
+                 coarse_cells: int | None = None):
         defaults = LandmarkConfig()
         if isinstance(model, LandmarkNet):
             self.net, meta = model, {}
@@ -234,10 +267,11 @@ class Matcher:
         self.fine_weight = float(fine_weight if fine_weight is not None else match_meta.get("fine_weight", defaults.match.fine_weight))
         self.refine = bool(refine if refine is not None else match_meta.get("refine", defaults.match.refine))
         self.chunk_voxels = int(chunk_voxels or match_meta.get("chunk_voxels", defaults.match.chunk_voxels))
-        if search not in ("auto", "full", "pruned"):
-            raise ValueError(f"search: expected 'auto', 'full' or 'pruned', got {search!r}")
+        if search not in ("auto", "full", "pruned", "coarse"):
+            raise ValueError(f"search: expected 'auto', 'full', 'pruned' or 'coarse', got {search!r}")
         self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.search = search if search != "auto" else ("full" if self.device.type == "cuda" else "pruned")
+        self.search = search if search != "auto" else ("full" if self.device.type == "cuda" else "coarse")
+        self.coarse_cells = int(coarse_cells or match_meta.get("coarse_cells", defaults.match.coarse_cells))
         self.net = self.net.to(self.device).eval()
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -287,8 +321,8 @@ class Matcher:
         return emb
 
     def _compute(self, vol, key: str, name: str) -> Embedding:
-        arr, aff = prepare_array(vol, self.spacing, self.hu_window)
-        x = torch.from_numpy(np.ascontiguousarray(arr))[None].to(self.device)
+        arr, aff = prepare_array(vol, self.spacing, self.hu_window, self.net.cfg.extra_windows)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
         fine, coarse = embed_volume(self.net, x)
         n = fine.ndim - 1
         perm = (*range(1, n + 1), 0)
@@ -354,6 +388,8 @@ class Matcher:
         coarse_sim = torch.einsum("nd,...d->n...", q_c, emb_b.coarse.float())  # (N, *Sc)
         if self.search == "full":
             best, score = self._search_full(q_f, coarse_sim, emb_b)
+        elif self.search == "coarse":
+            best, score = self._search_coarse(q_f, coarse_sim, emb_b)
         else:
             best, score = zip(*(self._search_pruned(q_f[i], coarse_sim[i], emb_b) for i in range(len(q_f))))
             best, score = torch.stack(best), torch.stack(score)
@@ -365,9 +401,49 @@ class Matcher:
 
     def _combined(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding, idx: torch.Tensor) -> torch.Tensor:
         """Combined similarity of one query at integer fine indices ``(K, n)`` -> ``(K,)``."""
-        rows = emb.fine[tuple(idx.T)].float()
+        flat = _ravel(idx, emb.fine_shape)
+        rows = emb.fine.reshape(-1, emb.fine.shape[-1]).index_select(0, flat).float()
         w = self.fine_weight
         return w * (rows @ q_f.float()) + (1 - w) * coarse_sim_at(coarse_sim, idx, emb.factor)
+
+    def _search_coarse(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse-to-fine: exact combined score on the voxels of the ``coarse_cells`` most promising cells.
+
+        Cells are ranked by the largest coarse similarity among them and their neighbours (the
+        most an upsampled coarse value inside them can reach).
+        """
+        shape = emb.fine_shape
+        n = len(shape)
+        f = emb.factor
+        csim = coarse_sim.float()
+        cshape = csim.shape[1:]
+        k = min(self.coarse_cells, int(np.prod(cshape)))
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
+        bound = pool(csim[:, None], 3, stride=1, padding=1)[:, 0].flatten(1)
+        cells = bound.topk(k, dim=1).indices  # (N, k)
+        offs = torch.stack(torch.meshgrid(*[torch.arange(f)] * n, indexing="ij"), -1).reshape(-1, n)
+        fine = emb.fine.reshape(-1, emb.fine.shape[-1])
+        size = torch.tensor(list(shape))
+        w = self.fine_weight
+        best, score = [], []
+        half = fine.dtype == torch.float16
+        for i in range(len(q_f)):
+            idx = (_unravel(cells[i], cshape)[:, None, :] * f + offs[None]).reshape(-1, n)
+            idx = idx[(idx < size).all(dim=1)]
+            flat = _ravel(idx, shape)
+            coarse_part = (1 - w) * coarse_sim_at(csim[i], idx, f)
+            rows = fine.index_select(0, flat)
+            if half:
+                # Half-precision screening (a matrix-vector product that is fast on CPU), then the
+                # best few are rescored in float32 so the winner does not depend on fp16 rounding.
+                screen = w * (rows @ q_f[i].to(rows.dtype)).float() + coarse_part
+                top = screen.topk(min(64, len(screen))).indices
+                idx, coarse_part, rows = idx[top], coarse_part[top], rows[top]
+            vals = w * (rows.float() @ q_f[i].float()) + coarse_part
+            v, j = vals.max(0)
+            best.append(idx[j])
+            score.append(v)
+        return torch.stack(best), torch.stack(score)
 
     def _search_full(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
         shape = emb.fine_shape

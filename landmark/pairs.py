@@ -102,7 +102,7 @@ class PairSampler:
                 # Embeddings are computed once on ``device``; the per-pair queries run on
                 # ``match_device`` (CPU by default, which is safe inside DataLoader workers).
                 self.matcher.device = torch.device(match_device)
-                self.matcher.search = "full" if self.matcher.device.type == "cuda" else "pruned"
+                self.matcher.search = "full" if self.matcher.device.type == "cuda" else "coarse"
         self.stats = {"pairs": 0, "retries": 0, "fallback": 0}
 
     # ------------------------------------------------------------- setup
@@ -221,8 +221,9 @@ class PairDataset(Dataset):
     """Crop pairs deterministic in ``(seed, index)``.
 
     ``batch_size=None``: item ``i`` is one pair ``{"q": (1, *crop), "k": (1, *crop), "score", "fallback",
-    "ids"}`` (the trainer batches them). ``batch_size=B``: item ``step`` is a whole batch
-    ``{"q": (B, 1, *crop), "k": (B, 1, *crop), ...}`` (``yields_batches``).
+    "ids", "view_seed"}`` (the trainer batches them; ``view_seed`` seeds this pair's masks and
+    augmentations). ``batch_size=B``: item ``step`` is a whole batch ``{"q": (B, 1, *crop),
+    "k": (B, 1, *crop), ...}`` (``yields_batches``).
     """
 
     def __init__(self, sampler: PairSampler, batch_size: int | None = None, seed: int = 0):
@@ -233,10 +234,14 @@ class PairDataset(Dataset):
         return 2**62
 
     def _one(self, *key: int) -> dict:
-        s = self.sampler.sample(np.random.default_rng([self.seed, *key]))
+        rng = np.random.default_rng([self.seed, *key])
+        # Drawn first, so a pair's views (masks, augmentation) are as reproducible as its crops.
+        view_seed = int(rng.integers(2**62))
+        s = self.sampler.sample(rng)
         meta = s["meta"]
         return {"q": s["q"], "k": s["k"], "score": torch.tensor(float(meta["score"])),
-                "fallback": torch.tensor(bool(meta["fallback"])), "ids": torch.tensor(meta["ids"])}
+                "fallback": torch.tensor(bool(meta["fallback"])), "ids": torch.tensor(meta["ids"]),
+                "view_seed": torch.tensor(view_seed)}
 
     def __getitem__(self, i: int) -> dict:
         if self.batch_size is None:

@@ -33,15 +33,18 @@ class TrainVolume:
 
 def make_train_volume(image: np.ndarray | torch.Tensor, affine: np.ndarray, body_threshold: float,
                       name: str = "", max_seeds: int = 20000, seed: int = 0) -> TrainVolume:
-    """Wrap a normalised array ``(*S)``; seed points are body voxels (above ``body_threshold``)."""
+    """Wrap a normalised array ``(*S)`` or ``(C, *S)``; seeds = voxels whose channel 0 exceeds ``body_threshold``."""
     img = torch.as_tensor(np.asarray(image, dtype=np.float32))
-    body = np.argwhere(img.numpy() > body_threshold)
+    n = affine.shape[0] - 1 if hasattr(affine, "shape") else 3
+    if img.ndim == n:
+        img = img[None]
+    body = np.argwhere(img[0].numpy() > body_threshold)
     if len(body) == 0:
         # A volume without body voxels still trains (seeds anywhere) rather than being dropped silently.
-        body = np.argwhere(np.ones(img.shape, dtype=bool))
+        body = np.argwhere(np.ones(img.shape[1:], dtype=bool))
     if len(body) > max_seeds:
         body = body[np.random.default_rng(seed).choice(len(body), max_seeds, replace=False)]
-    return TrainVolume(img[None].contiguous(), np.asarray(affine, dtype=np.float64), body, name)
+    return TrainVolume(img.contiguous(), np.asarray(affine, dtype=np.float64), body, name)
 
 
 def crop_grid(center: np.ndarray, scale: float, size: Sequence[int]) -> np.ndarray:
@@ -93,7 +96,14 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, cfg: CropConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Blur, intensity jitter and Gaussian noise (none of them moves anatomy)."""
+    """Gamma curve, blur, intensity jitter and Gaussian noise (none of them moves anatomy).
+
+    The gamma curve changes the contrast between tissues differently in each view, as contrast
+    phases and scanners do between patients.
+    """
+    if cfg.gamma_range[0] != 1.0 or cfg.gamma_range[1] != 1.0:
+        lo, hi = np.log(cfg.gamma_range[0]), np.log(cfg.gamma_range[1])
+        x = x.clamp(0.0, 1.0) ** float(np.exp(rng.uniform(lo, hi)))
     if rng.random() < cfg.blur_prob:
         x = gaussian_blur(x, float(rng.uniform(*cfg.blur_sigma)))
     j = cfg.intensity_jitter

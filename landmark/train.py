@@ -81,11 +81,20 @@ def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir:
 
 
 def load_train_volumes(cfg: LandmarkConfig) -> list[TrainVolume]:
-    """Read every volume once (RAS, model spacing, HU window) and keep it in memory."""
+    """Read every volume once (RAS, model spacing, input windows) and keep it in memory."""
+    import numpy as np
+
     from alice3d.data.volumes import load_volume_set, resolve_image_paths
+    from landmark.match import window_channels
 
     paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
     vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data, min_volumes=1)
     log.info("%s", vset.summary())
-    return [make_train_volume(v.array, v.affine, cfg.crop.body_threshold, name=Path(v.path).name, seed=i)
-            for i, v in enumerate(vset.volumes)]
+    lo, hi = cfg.data.hu_window
+    out = []
+    for i, v in enumerate(vset.volumes):
+        # Extra windows lie inside the primary one, so HU is recovered exactly where they need it.
+        hu = v.array.astype(np.float32) * (hi - lo) + lo
+        image = window_channels(hu, cfg.data.hu_window, cfg.model.extra_windows)
+        out.append(make_train_volume(image, v.affine, cfg.crop.body_threshold, name=Path(v.path).name, seed=i))
+    return out

@@ -59,7 +59,9 @@ from alice3d.methods.backbones import build_backbone, validate_backbone_config
 from alice3d.methods.casa import CASA
 from alice3d.methods.decoder import MAEDecoder
 from alice3d.methods.mae import check_images, encoder_export, reconstruction_panels
-from alice3d.methods.views import AliceViews, StrongAugConfig, make_alice_views, strong_augment
+from alice3d.methods.views import (
+    AliceViews, StrongAugConfig, make_alice_views, make_seeded_alice_views, strong_augment,
+)
 
 __all__ = ["AliceConfig", "Alice"]
 
@@ -210,7 +212,11 @@ class Alice(nn.Module):
         return q, k
 
     def make_views(self, batch: dict) -> AliceViews:
+        """Views of `batch`; with `batch["view_seed"]` (B,) each pair's views come from its own seed."""
         q, k = self.crops(batch)
+        if "view_seed" in batch:
+            return make_seeded_alice_views(q, k, batch["view_seed"], self.encoder.num_tokens, self.cfg.mask_ratio,
+                                           self.cfg.aug)
         return make_alice_views(q, k, self.encoder.num_tokens, self.cfg.mask_ratio, self.cfg.aug)
 
     def similarity(self, student: torch.Tensor, teacher: torch.Tensor, term: str) -> torch.Tensor:

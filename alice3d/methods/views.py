@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from alice3d.core.masking import MaskInfo, random_masking
 
-__all__ = ["StrongAugConfig", "AliceViews", "random_affine", "affine_warp", "strong_augment", "make_alice_views"]
+__all__ = [
+    "StrongAugConfig", "AliceViews", "random_affine", "affine_warp", "strong_augment", "make_alice_views",
+    "make_seeded_alice_views",
+]
 
 
 @dataclass
@@ -147,3 +150,36 @@ def make_alice_views(
     masking = random_masking(images.shape[0], num_tokens, mask_ratio, device=images.device, generator=generator)
     augmented = strong_augment(images, aug, generator)
     return AliceViews(images=images, masking=masking, augmented=augmented)
+
+
+def make_seeded_alice_views(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    seeds: torch.Tensor | list[int],
+    num_tokens: int,
+    mask_ratio: float,
+    aug: StrongAugConfig | None = None,
+) -> AliceViews:
+    """Like `make_alice_views`, with the masks and augmentations of pair `i` drawn from `seeds[i]` alone.
+
+    A pair's views then depend on the pair, not on which process or batch position it lands
+    in, so a run on N processes draws exactly the views of the same global batch on one.
+    """
+    if q.shape != k.shape:
+        raise ValueError(f"make_seeded_alice_views: query {tuple(q.shape)} and key {tuple(k.shape)} crops differ in shape")
+    seeds = [int(s) for s in (seeds.tolist() if torch.is_tensor(seeds) else seeds)]
+    if len(seeds) != q.shape[0]:
+        raise ValueError(f"make_seeded_alice_views: {len(seeds)} seeds for a batch of {q.shape[0]} pairs")
+    per_pair = []
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator(device=q.device).manual_seed(seed)
+        per_pair.append(make_alice_views(q[i : i + 1], k[i : i + 1], num_tokens, mask_ratio, aug, gen))
+    # Each per-pair view is [Q_i; K_i]; reorder to [Q_0..Q_{B-1}; K_0..K_{B-1}].
+    order = lambda get: torch.cat([get(v)[:1] for v in per_pair] + [get(v)[1:] for v in per_pair])  # noqa: E731
+    masking = MaskInfo(
+        mask=order(lambda v: v.masking.mask),
+        ids_keep=order(lambda v: v.masking.ids_keep),
+        ids_restore=order(lambda v: v.masking.ids_restore),
+        ids_masked=order(lambda v: v.masking.ids_masked),
+    )
+    return AliceViews(images=torch.cat([q, k]), masking=masking, augmented=order(lambda v: v.augmented))

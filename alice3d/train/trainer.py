@@ -258,6 +258,19 @@ class Trainer:
             return DataLoader(dataset, sampler=sampler, batch_size=None, **kw)
         return DataLoader(dataset, batch_sampler=sampler, **kw)
 
+    def _global_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Logged loss terms averaged over ranks (every rank holds an equal share of the global batch),
+        so the figures of an N-process run read like those of one process on the same global batch."""
+        if not terms:
+            return {}
+        if not self.dist.enabled:
+            return {k: float(v) for k, v in terms.items()}
+        names = sorted(terms)  # the same order on every rank
+        values = torch.stack([terms[k].float().reshape(()) for k in names])
+        torch.distributed.all_reduce(values)
+        averaged = dict(zip(names, (values / self.dist.world_size).tolist()))
+        return {k: averaged[k] for k in terms}
+
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -346,7 +359,7 @@ class Trainer:
                     if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
                         now = time.perf_counter()
                         record = {"step": done, "lr": self.optimizer.param_groups[0]["lr"]}
-                        record.update({k: float(v) for k, v in terms.items()})
+                        record.update(self._global_terms(terms))
                         record.update({"grad_norm": float(gnorm), "skipped_steps": self.skipped_steps,
                                        "step_time_s": (now - t_last) / max(1, cfg.log_every),
                                        "samples_per_s": samples_per_step * max(1, cfg.log_every) / max(now - t_last, 1e-9)})

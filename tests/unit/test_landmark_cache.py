@@ -13,7 +13,7 @@ from landmark.embed_cache import CacheError, MAGIC, default_cache_dir, read_entr
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
 
-TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16)
+TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 
 
 def _volume(seed=0, shape=(40, 36, 24)):

@@ -12,7 +12,7 @@ from landmark.match import MatchError, Matcher, interp_rows, load_landmark_model
 from landmark.model import build_model, recalibrate_norms
 from landmark.train import save_landmark_model
 
-TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16)
+TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,30 @@ def test_pruned_search_equals_full_search(net, volume, tmp_path):
     other = Volume(np.roll(volume.array, 5, axis=0), volume.affine, "b")
     pruned = Matcher(net, cache_dir=tmp_path, search="pruned")
     full = Matcher(net, cache_dir=tmp_path, search="full")
+    # coarse-to-fine over every cell: the same argmax (fp16 screening, float32 rescoring)
+    coarse = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=10**6)
     for w in (0.5, 0.8, 1.0):
-        pruned.fine_weight = full.fine_weight = w
-        pb, sb = pruned.match(volume, other, pts)
+        pruned.fine_weight = full.fine_weight = coarse.fine_weight = w
         pf, sf = full.match(volume, other, pts)
-        np.testing.assert_allclose(pb, pf, atol=1e-6)
-        np.testing.assert_allclose(sb, sf, atol=1e-5)
+        for m in (pruned, coarse):
+            pb, sb = m.match(volume, other, pts)
+            np.testing.assert_allclose(pb, pf, atol=1e-6)
+            np.testing.assert_allclose(sb, sf, atol=1e-5)
+
+
+def test_coarse_search_visits_only_the_best_cells(net, volume, tmp_path):
+    """With one cell, the match lies in the cell (or its neighbours) with the highest coarse bound."""
+    m = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=1, refine=False)
+    emb = m.embed(volume)
+    pts = _points(volume, n=5)
+    found, _ = m.match(volume, volume, pts)
+    _, q_c = m.query(emb, pts)
+    csim = torch.einsum("nd,...d->n...", q_c, emb.coarse.float())
+    bound = torch.nn.functional.max_pool3d(csim[:, None], 3, 1, 1)[:, 0]
+    fine_idx = (found - emb.fine_affine[:3, 3]) @ np.linalg.inv(emb.fine_affine[:3, :3]).T
+    cells = np.floor(np.rint(fine_idx) / emb.factor).astype(int)
+    for k in range(len(pts)):
+        assert bound[k][tuple(cells[k])] == bound[k].max()
 
 
 def test_same_image_voxel_centres_match_themselves(net, volume, tmp_path):
@@ -139,3 +157,18 @@ def test_model_file_roundtrip_and_wrong_kind(net, volume, tmp_path):
     atomic_save({"metadata": {"kind": "alice3d-encoder"}, "state_dict": {}}, tmp_path / "encoder.pt")
     with pytest.raises(CheckpointError, match="expected a file of kind 'alice3d-landmark'"):
         Matcher(tmp_path / "encoder.pt")
+
+
+def test_single_channel_files_of_the_first_format_still_load(net, volume, tmp_path):
+    cfg = LandmarkConfig()
+    cfg.model = TINY
+    obj = torch.load(save_landmark_model(net, cfg, tmp_path / "new.pt"), weights_only=True)
+    old_model = {k: v for k, v in obj["metadata"]["model"].items() if k != "extra_windows"}
+    obj["metadata"]["model"] = {**old_model, "in_channels": 1}  # how the first release wrote it
+    atomic_save(obj, tmp_path / "old.pt")
+    loaded, _ = load_landmark_model(tmp_path / "old.pt")
+    assert loaded.cfg.extra_windows == () and loaded.cfg.in_channels == 1
+    obj["metadata"]["model"] = {**old_model, "in_channels": 3}
+    atomic_save(obj, tmp_path / "bad.pt")
+    with pytest.raises(MatchError, match="bad.pt: landmark model metadata.*in_channels=3"):
+        load_landmark_model(tmp_path / "bad.pt")

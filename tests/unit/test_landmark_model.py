@@ -7,7 +7,7 @@ import torch
 from landmark.config import ModelConfig
 from landmark.model import build_model, embed_volume, grid_affine, pad_to_multiple, recalibrate_norms
 
-TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16)
+TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 
 
 @pytest.mark.parametrize("spatial_dims,size", [(3, (32, 32, 16)), (2, (48, 32))])
@@ -22,7 +22,7 @@ def test_shapes_strides_and_unit_norm(spatial_dims, size):
 
 
 def test_coarse_level_sets_the_coarse_stride():
-    cfg = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, coarse_level=3)
+    cfg = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, coarse_level=3, extra_windows=())
     net = build_model(cfg).eval()
     fine, coarse = net(torch.randn(1, 1, 32, 32, 32))
     assert cfg.coarse_stride == 8 and coarse.shape[2:] == (4, 4, 4) and fine.shape[2:] == (16, 16, 16)
@@ -69,3 +69,30 @@ def test_recalibrate_norms_gives_diverse_features_and_restores_mode():
     assert spread() > 10 * before  # init statistics collapse features; data statistics spread them
     bn = net.stem[1]
     assert bn.momentum == 0.1 and bn.num_batches_tracked == 1
+
+
+def test_landmark_config_defaults_and_validation(tmp_path):
+    from alice3d.config import ConfigError, load_config
+    from landmark.config import LandmarkConfig
+
+    cfg = load_config(LandmarkConfig)
+    assert cfg.data.spacing == (2.0, 2.0, 2.0) and cfg.data.hu_window == (-1024.0, 3071.0)
+    assert cfg.model.embed_dim == 128 and cfg.model.fine_stride == 2 and cfg.model.coarse_stride == 16
+    assert cfg.model.in_channels == 1 + len(cfg.model.extra_windows)
+    cfg = load_config(LandmarkConfig, None, ["model.extra_windows=[]", "train.max_steps=5"])
+    assert cfg.model.in_channels == 1 and cfg.train.max_steps == 5
+    bad = {
+        "crop.size=[64,64,40]": "multiple of the total stride 16",
+        "model.extra_windows=[[-2000,0]]": "inside data.hu_window",
+        "model.blocks=[1,1]": "same length",
+        "model.norm=group": "model.norm",
+        "loss.fine_ignore_radius=1": "fine_ignore_radius",
+        "loss.nonsense=1": "unknown config key",
+    }
+    for override, msg in bad.items():
+        with pytest.raises(ConfigError, match=msg):
+            load_config(LandmarkConfig, None, [override])
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  widths: [8, 8, 8, 8, 8]\n  blocks: [1, 1, 1, 1, 1]\ncrop:\n  size: [64, 64, 48]\n")
+    with pytest.raises(ConfigError, match="total stride 32"):
+        load_config(LandmarkConfig, path)

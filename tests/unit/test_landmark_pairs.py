@@ -13,7 +13,7 @@ from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
 from landmark.pairs import PairDataset, PairError, PairSampler, crop_at
 
-TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16)
+TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 BG = 0.1  # background ("air") value of the normalised crop volumes, deliberately not 0
 
 

@@ -33,7 +33,7 @@ def test_fine_grid_affines_give_world_positions_of_view_voxels(axis):
     world = _world_volume(axis)
     vol = make_train_volume(world, AFF, body_threshold=-1e9)
     vol.image = torch.cat([vol.image, torch.ones_like(vol.image)])  # second channel flags "inside"
-    cfg = CropConfig(size=(16, 16, 16), noise_std=0.0, blur_prob=0.0, intensity_jitter=0.0)
+    cfg = CropConfig(size=(16, 16, 16), noise_std=0.0, blur_prob=0.0, intensity_jitter=0.0, gamma_range=(1.0, 1.0))
     pair = sample_view_pair(vol, cfg, np.random.default_rng(axis))
     for k in (1, 2):
         pooled = F.avg_pool3d(pair[f"view{k}"][None], 2)[0]
@@ -78,3 +78,14 @@ def test_gaussian_blur_preserves_mass_and_constants():
 def test_volume_without_body_still_gives_seeds():
     vol = make_train_volume(np.zeros(SHAPE, np.float32), AFF, body_threshold=0.5)
     assert len(vol.body) > 0
+
+
+def test_gamma_augmentation_is_monotonic_and_keeps_the_range():
+    from landmark.sampling import augment
+
+    cfg = CropConfig(noise_std=0.0, blur_prob=0.0, intensity_jitter=0.0, gamma_range=(0.5, 2.0))
+    x = torch.linspace(0, 1, 101).reshape(1, 101)
+    outs = [augment(x, cfg, np.random.default_rng(s)) for s in range(4)]
+    for y in outs:
+        assert y[0, 0] == 0 and y[0, -1] == 1 and (y.diff() >= 0).all()
+    assert any(not torch.allclose(y, x) for y in outs)

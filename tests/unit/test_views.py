@@ -136,3 +136,37 @@ def test_runs_on_the_batch_device():
     assert out.device == x.device
     cpu_gen_out = strong_augment(x, StrongAugConfig(), torch.Generator().manual_seed(0))
     assert cpu_gen_out.device == x.device
+
+
+@pytest.mark.parametrize("size", [(16, 16, 8), (16, 12)])
+def test_seeded_views_depend_on_the_pair_not_its_batch_position(size):
+    from alice3d.methods.views import make_seeded_alice_views
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.rand(3, 1, *size, generator=g), torch.rand(3, 1, *size, generator=g)
+    seeds = torch.tensor([11, 22, 33])
+    full = make_seeded_alice_views(q, k, seeds, num_tokens=16, mask_ratio=0.75)
+    # The last pair alone, and the batch in another order: row for row the same views.
+    alone = make_seeded_alice_views(q[2:], k[2:], seeds[2:], num_tokens=16, mask_ratio=0.75)
+    torch.testing.assert_close(alone.augmented[0], full.augmented[2])  # Q_2
+    torch.testing.assert_close(alone.augmented[1], full.augmented[5])  # K_2
+    assert torch.equal(alone.masking.mask[0], full.masking.mask[2])
+    assert torch.equal(alone.masking.ids_keep[1], full.masking.ids_keep[5])
+    perm = [2, 0, 1]
+    shuffled = make_seeded_alice_views(q[perm], k[perm], seeds[perm], num_tokens=16, mask_ratio=0.75)
+    assert torch.equal(shuffled.masking.mask[:3], full.masking.mask[:3][perm])
+    assert torch.equal(shuffled.masking.mask[3:], full.masking.mask[3:][perm])
+    torch.testing.assert_close(shuffled.images, torch.cat([q[perm], k[perm]]))
+    # Different seeds give different masks; every row keeps the exact count.
+    assert not torch.equal(full.masking.mask[0], full.masking.mask[1])
+    assert (full.masking.mask.sum(1) == 12).all()
+    restored = torch.cat([full.masking.ids_keep, full.masking.ids_masked], 1).gather(1, full.masking.ids_restore)
+    assert torch.equal(restored, torch.arange(16).expand(6, 16))
+
+
+def test_seeded_views_need_one_seed_per_pair():
+    from alice3d.methods.views import make_seeded_alice_views
+
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="1 seeds for a batch of 2"):
+        make_seeded_alice_views(x, x, [5], num_tokens=4, mask_ratio=0.5)
