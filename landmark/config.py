@@ -85,7 +85,7 @@ class MatchConfig:
 
     fine_weight: float = 0.5  # similarity = w * fine + (1 - w) * upsampled coarse
     refine: bool = True  # sub-voxel refinement of the peak (parabola per axis)
-    coarse_cells: int = 128  # coarse-to-fine search (CPU default): coarse cells searched at full detail
+    coarse_cells: int = 128  # coarse-to-fine search (CPU default): coarse cells searched in detail
     chunk_voxels: int = 2**25  # queries x target voxels handled per block (memory bound)
 
 

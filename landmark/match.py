@@ -218,6 +218,21 @@ def coarse_sim_at(coarse_sim: torch.Tensor, fine_idx: torch.Tensor, factor: int)
     return out.reshape(-1)
 
 
+def coarse_values_at(coarse_sim: torch.Tensor, fine_idx: torch.Tensor, factor: int) -> torch.Tensor:
+    """Coarse maps ``(N, *Sc)`` upsampled, read at integer fine indices ``(N, K, n)`` -> ``(N, K)``.
+
+    Same values as :func:`upsample_sim`, for many maps and points at once.
+    """
+    n = fine_idx.shape[-1]
+    cshape = coarse_sim.shape[1:]
+    _, neighbours, weights = cell_upsampling_stencil(factor, n)
+    cells = torch.div(fine_idx, factor, rounding_mode="floor")
+    nb = torch.minimum((cells[:, :, None] + neighbours).clamp_min(0), torch.tensor(cshape) - 1)  # (N, K, 3**n, n)
+    vals = coarse_sim.float().flatten(1).gather(1, _ravel(nb, cshape).flatten(1)).view(*nb.shape[:3])
+    w = weights[_ravel(fine_idx - cells * factor, (factor,) * n)]  # (N, K, 3**n)
+    return (vals * w).sum(-1)
+
+
 def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     out = []
     for s in reversed(shape):
@@ -227,10 +242,30 @@ def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def _ravel(idx: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    flat = torch.zeros(len(idx), dtype=torch.long, device=idx.device)
+    """Indices ``(..., n)`` -> flat C-order indices ``(...)`` of a grid of ``shape``."""
+    flat = torch.zeros(idx.shape[:-1], dtype=torch.long, device=idx.device)
     for d, s in enumerate(shape):
-        flat = flat * int(s) + idx[:, d]
+        flat = flat * int(s) + idx[..., d]
     return flat
+
+
+def cell_upsampling_stencil(factor: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear upsampling by ``factor`` (``align_corners=False``, borders clamped) inside one coarse cell.
+
+    Returns voxel offsets in the cell ``(factor**n, n)``, neighbour cell offsets ``(3**n, n)``
+    and weights ``(factor**n, 3**n)``: the upsampled value at ``cell * factor + offset[v]`` is
+    ``weights[v] @ coarse[clamp(cell + neighbour)]``, the same value :func:`upsample_sim` gives.
+    """
+    t = (torch.arange(factor, dtype=torch.float64) + 0.5) / factor - 0.5  # position in coarse units
+    w1 = torch.zeros(factor, 3, dtype=torch.float64)  # weights of the neighbours -1, 0, +1
+    left = t < 0
+    w1[left, 0], w1[left, 1] = -t[left], 1 + t[left]
+    w1[~left, 1], w1[~left, 2] = 1 - t[~left], t[~left]
+    weights = w1
+    for _ in range(n - 1):
+        weights = torch.einsum("ab,cd->acbd", weights, w1).reshape(weights.shape[0] * factor, -1)
+    grid = lambda values: torch.stack(torch.meshgrid(*[values] * n, indexing="ij"), -1).reshape(-1, n)  # noqa: E731
+    return grid(torch.arange(factor)), grid(torch.arange(-1, 2)), weights.float()
 
 
 # ----------------------------------------------------------------------------- matcher
@@ -407,43 +442,55 @@ class Matcher:
         return w * (rows @ q_f.float()) + (1 - w) * coarse_sim_at(coarse_sim, idx, emb.factor)
 
     def _search_coarse(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse-to-fine: exact combined score on the voxels of the ``coarse_cells`` most promising cells.
+        """Coarse-to-fine: every voxel of the ``coarse_cells`` most promising cells of each query.
 
         Cells are ranked by the largest coarse similarity among them and their neighbours (the
-        most an upsampled coarse value inside them can reach).
+        most an upsampled coarse value inside them can reach). With a half-precision cache the
+        voxels are screened in fp16 and the best few rescored in float32, so the winner does not
+        depend on fp16 rounding. All queries are handled together, in blocks bounded by
+        ``chunk_voxels``. (Screening only every second voxel was tried: 4x faster, but it agreed
+        with the full search on 76 % of queries instead of 98 %.)
         """
-        shape = emb.fine_shape
-        n = len(shape)
-        f = emb.factor
+        shape, n, f = emb.fine_shape, len(emb.fine_shape), emb.factor
         csim = coarse_sim.float()
         cshape = csim.shape[1:]
         k = min(self.coarse_cells, int(np.prod(cshape)))
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
         bound = pool(csim[:, None], 3, stride=1, padding=1)[:, 0].flatten(1)
-        cells = bound.topk(k, dim=1).indices  # (N, k)
-        offs = torch.stack(torch.meshgrid(*[torch.arange(f)] * n, indexing="ij"), -1).reshape(-1, n)
+        cells = _unravel(bound.topk(k, dim=1).indices, cshape)  # (N, k, n)
+        offs, neighbours, weights = cell_upsampling_stencil(f, n)  # (V, n), (3**n, n), (V, 3**n)
+        # Upsampled coarse similarity at every voxel of the chosen cells: (N, k, V).
+        nb = torch.minimum((cells[:, :, None] + neighbours).clamp_min(0), torch.tensor(cshape) - 1)
+        nb_vals = csim.flatten(1).gather(1, _ravel(nb, cshape).flatten(1)).view(len(csim), k, -1)
+        coarse_part = (1 - self.fine_weight) * (nb_vals @ weights.T)
+        vox = cells[:, :, None] * f + offs  # (N, k, V, n)
+        valid = (vox < torch.tensor(shape)).all(-1).flatten(1)
+        vox = vox.flatten(1, 2)
+        coarse_part = coarse_part.flatten(1).masked_fill(~valid, float("-inf"))
+
         fine = emb.fine.reshape(-1, emb.fine.shape[-1])
-        size = torch.tensor(list(shape))
         w = self.fine_weight
+        step = max(1, self.chunk_voxels // max(1, vox.shape[1] * fine.shape[1]))
         best, score = [], []
-        half = fine.dtype == torch.float16
-        for i in range(len(q_f)):
-            idx = (_unravel(cells[i], cshape)[:, None, :] * f + offs[None]).reshape(-1, n)
-            idx = idx[(idx < size).all(dim=1)]
-            flat = _ravel(idx, shape)
-            coarse_part = (1 - w) * coarse_sim_at(csim[i], idx, f)
-            rows = fine.index_select(0, flat)
-            if half:
-                # Half-precision screening (a matrix-vector product that is fast on CPU), then the
-                # best few are rescored in float32 so the winner does not depend on fp16 rounding.
-                screen = w * (rows @ q_f[i].to(rows.dtype)).float() + coarse_part
-                top = screen.topk(min(64, len(screen))).indices
-                idx, coarse_part, rows = idx[top], coarse_part[top], rows[top]
-            vals = w * (rows.float() @ q_f[i].float()) + coarse_part
-            v, j = vals.max(0)
-            best.append(idx[j])
-            score.append(v)
-        return torch.stack(best), torch.stack(score)
+        for s in range(0, len(q_f), step):
+            v, cp, q = vox[s:s + step], coarse_part[s:s + step], q_f[s:s + step]
+            flat = _ravel(v, shape).masked_fill(~valid[s:s + step], 0)
+            rows = fine.index_select(0, flat.reshape(-1)).view(len(v), v.shape[1], -1)
+            screen = w * torch.bmm(rows, q.to(rows.dtype)[:, :, None])[..., 0].float() + cp
+            if fine.dtype == torch.float32:
+                val, j = screen.max(1)  # already exact
+                best.append(v[torch.arange(len(v)), j])
+                score.append(val)
+                continue
+            top = screen.topk(min(64, screen.shape[1]), dim=1).indices
+            cand = torch.minimum(v.gather(1, top[..., None].expand(-1, -1, n)), torch.tensor(shape) - 1)
+            rows = fine.index_select(0, _ravel(cand, shape).reshape(-1)).view(len(v), cand.shape[1], -1).float()
+            exact = w * torch.bmm(rows, q.float()[:, :, None])[..., 0]
+            exact = exact + (1 - w) * coarse_values_at(csim[s:s + step], cand, f)
+            val, j = exact.max(1)
+            best.append(cand[torch.arange(len(v)), j])
+            score.append(val)
+        return torch.cat(best), torch.cat(score)
 
     def _search_full(self, q_f: torch.Tensor, coarse_sim: torch.Tensor, emb: Embedding) -> tuple[torch.Tensor, torch.Tensor]:
         shape = emb.fine_shape

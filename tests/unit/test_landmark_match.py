@@ -172,3 +172,31 @@ def test_single_channel_files_of_the_first_format_still_load(net, volume, tmp_pa
     atomic_save(obj, tmp_path / "bad.pt")
     with pytest.raises(MatchError, match="bad.pt: landmark model metadata.*in_channels=3"):
         load_landmark_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("cshape,factor", [((5,), 4), ((4, 3), 8), ((3, 4, 2), 4)])
+def test_cell_stencil_reproduces_upsampling_inside_every_cell(cshape, factor):
+    from landmark.match import _ravel, cell_upsampling_stencil, upsample_sim
+
+    coarse = torch.rand(1, *cshape)
+    fine_shape = [c * factor - 1 for c in cshape]  # the last cell is cut, as on real grids
+    up = upsample_sim(coarse, factor, fine_shape)[0]
+    offs, nb, w = cell_upsampling_stencil(factor, len(cshape))
+    for cell in np.ndindex(*cshape):
+        c = torch.tensor(cell)
+        idx = torch.minimum((c + nb).clamp_min(0), torch.tensor(cshape) - 1)
+        vals = w @ coarse[0].flatten()[_ravel(idx, cshape)]
+        vox = c * factor + offs
+        inside = (vox < torch.tensor(fine_shape)).all(1)
+        torch.testing.assert_close(vals[inside], up[tuple(vox[inside].T)], atol=1e-6, rtol=0)
+
+
+def test_batched_coarse_search_equals_one_query_at_a_time(net, volume, tmp_path):
+    pts = _points(volume, n=9)
+    other = Volume(np.roll(volume.array, 3, axis=1), volume.affine, "b")
+    batched = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8)
+    single = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8, chunk_voxels=1)
+    pb, sb = batched.match(volume, other, pts)
+    ps, ss = single.match(volume, other, pts)
+    np.testing.assert_allclose(pb, ps, atol=1e-6)
+    np.testing.assert_allclose(sb, ss, atol=1e-6)
