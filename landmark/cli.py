@@ -69,8 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = [f"data.data={args.data}"] if args.data is not None else []
     cfg = resolve_config(LandmarkConfig, args, extra)
     out = prepare_run_dir(args.out, args.resume)
-    volumes = load_train_volumes(cfg)
+    bad: list = []
+    volumes = load_train_volumes(cfg, bad)
     path = train_landmark(cfg, volumes, out, resume=args.resume)
+    if path is None:
+        return 3  # interrupted: checkpoint saved, the warning says how to continue
+    if bad:
+        log.warning("%d bad volume(s) were left out of this run (data.on_bad_data=skip):\n  %s",
+                    len(bad), "\n  ".join(f"{p}: {r}" for p, r in bad))
     print(json.dumps({"model": str(path)}))
     return 0
 

@@ -41,7 +41,10 @@ def default_landmark_model(n: int = 16, seed: int = 0, overrides: tuple[str, ...
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.part-"))
     log.info("training the default landmark model on the phantom cohort (once; cached in %s)", final)
     try:
-        train_landmark(cfg, load_train_volumes(cfg), tmp)
+        if train_landmark(cfg, load_train_volumes(cfg), tmp) is None:
+            log.warning("interrupted while training the default landmark model; nothing was cached, "
+                        "run the command again to start it over")
+            raise SystemExit(3)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -60,8 +60,12 @@ def save_landmark_model(net: LandmarkNet, cfg: LandmarkConfig, path: str | Path)
 
 
 def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir: str | Path,
-                   resume: bool = False) -> Path:
-    """Train on in-memory volumes; writes RUN/config.yaml, RUN/metrics.jsonl, RUN/landmark.pt."""
+                   resume: bool = False) -> Path | None:
+    """Train on in-memory volumes; writes RUN/config.yaml, RUN/metrics.jsonl, RUN/landmark.pt.
+
+    Returns the path of landmark.pt, or None when a signal interrupted the run: its checkpoint is
+    saved for ``--resume`` and no model is written from the partial weights.
+    """
     from alice3d.train.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -74,22 +78,31 @@ def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir:
     trainer = Trainer(module, cfg.train, run_dir, full_config=cfg)
     result = trainer.fit(dataset, resume=resume)
     if result.interrupted:
-        log.warning("training interrupted by %s at step %d; resume with --resume", result.signal_name, result.step)
+        log.warning("training interrupted by %s at step %d; continue with the same command plus --resume",
+                    result.signal_name, result.step)
+        return None
     out = save_landmark_model(module.net, cfg, run_dir / "landmark.pt")
     log.info("landmark model written: %s (step %d)", out, result.step)
     return out
 
 
-def load_train_volumes(cfg: LandmarkConfig) -> list[TrainVolume]:
-    """Read every volume once (RAS, model spacing, input windows) and keep it in memory."""
+def load_train_volumes(cfg: LandmarkConfig, bad: list | None = None) -> list[TrainVolume]:
+    """Read every volume once (RAS, model spacing, input windows) and keep it in memory.
+
+    Volumes smaller than the training crop are bad data like unreadable ones (quarantined or
+    fatal per ``data.on_bad_data``); ``bad``, when given, receives their ``(path, reason)``.
+    """
     import numpy as np
 
     from alice3d.data.volumes import load_volume_set, resolve_image_paths
     from landmark.match import window_channels
 
     paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
-    vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data, min_volumes=1)
+    vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data,
+                           min_shape=cfg.crop.size, min_volumes=1)
     log.info("%s", vset.summary())
+    if bad is not None:
+        bad.extend(vset.bad)
     lo, hi = cfg.data.hu_window
     out = []
     for i, v in enumerate(vset.volumes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -42,8 +43,14 @@ def resolve_config(cls: type[T], args: argparse.Namespace, extra: Sequence[str] 
 
 
 def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt") -> Path:
-    """Refuse to write into a directory holding another run unless resuming it."""
+    """Refuse to write into a directory holding another run unless resuming it.
+
+    Only rank 0 checks: under torchrun the other ranks start while rank 0 already writes into it.
+    """
     out = Path(out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        out.mkdir(parents=True, exist_ok=True)
+        return out
     if resume:
         if not (out / marker).exists():
             raise SystemExit(f"error: --resume given but {out / marker} does not exist")
@@ -78,5 +85,11 @@ def run_main(fn: Callable[[], int | None]) -> None:
         code = fn()
     except expected as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: could not write {e.filename or 'a run file'}: the disk is full ({e.strerror}); "
+              "free some space, then continue with the same command plus --resume", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

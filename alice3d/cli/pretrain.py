@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +111,7 @@ def load_volumes(cfg: PretrainConfig, crop_size, min_volumes: int):
 
     paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
     vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data,
-                           min_volumes=min_volumes)
+                           min_shape=crop_size, min_volumes=min_volumes)
     log.info("%s", vset.summary())
     return vset
 
@@ -119,7 +120,9 @@ def crop_dataset(cfg: PretrainConfig, mcfg: Any) -> Dataset:
     from alice3d.data.crops import RandomCropDataset
 
     vset = load_volumes(cfg, mcfg.img_size, 1)
-    return RandomCropDataset(vset.volumes, mcfg.img_size, seed=cfg.train.seed)
+    ds = RandomCropDataset(vset.volumes, mcfg.img_size, seed=cfg.train.seed)
+    ds.bad = vset.bad  # listed again in the end-of-run summary
+    return ds
 
 
 def image_dataset(cfg: PretrainConfig, mcfg: Any) -> Dataset:
@@ -158,7 +161,9 @@ def pair_dataset(cfg: PretrainConfig, mcfg: AliceConfig) -> Dataset:
         vset.volumes, landmark if cfg.pairs.source == "landmark" else None, crop_size=mcfg.img_size,
         min_score=cfg.pairs.min_score, max_retries=cfg.pairs.max_retries, device=cfg.train.device,
     )
-    return PairDataset(sampler, seed=cfg.train.seed)
+    ds = PairDataset(sampler, seed=cfg.train.seed)
+    ds.bad = vset.bad  # listed again in the end-of-run summary
+    return ds
 
 
 METHODS: dict[str, MethodEntry] = {
@@ -231,12 +236,23 @@ def main(argv: list[str] | None = None) -> None:
             cfg.landmark = str(args.landmark)
         out = prepare_run_dir(args.out, args.resume)
         write_resolved_config(cfg, out) if not args.resume else None
-        summary = pretrain(cfg, out, resume=args.resume)
+        from landmark.embed_cache import CacheError
+        from landmark.match import MatchError
+        from landmark.pairs import PairError
+
+        try:
+            summary = pretrain(cfg, out, resume=args.resume)
+        except (MatchError, CacheError, PairError) as e:  # Alice's landmark model or crop pairs
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if summary["interrupted"]:
             log.warning("stopped at step %d; continue with the same command plus --resume", summary["step"])
             return 3
         log.info("done: %d steps, final loss %.4f; outputs in %s", summary["step"],
                  summary["last"].get("loss", float("nan")), out)
+        if summary.get("quarantined"):
+            log.warning("%d bad volume(s) were left out of this run (data.on_bad_data=skip):\n  %s",
+                        len(summary["quarantined"]), "\n  ".join(f"{p}: {r}" for p, r in summary["quarantined"]))
         return 0
 
     run_main(body)

@@ -44,7 +44,7 @@ def _read_json(path: Path) -> dict:
     return doc
 
 
-def _load_json_datalist(path: Path, key: str, base_dir) -> list[dict]:
+def _load_json_datalist(path: Path, key: str, base_dir, check_exists: bool = True) -> list[dict]:
     from monai.data import load_decathlon_datalist
 
     doc = _read_json(path)
@@ -66,7 +66,7 @@ def _load_json_datalist(path: Path, key: str, base_dir) -> list[dict]:
         for k in ("image", "label"):
             if k in e and isinstance(e[k], str):
                 e[k] = str(Path(e[k]).resolve())
-                if not os.path.exists(e[k]):
+                if check_exists and not os.path.exists(e[k]):
                     raise DataError(f"{path}: {k} file listed under {key!r} does not exist: {e[k]}")
         out.append(e)
     return out
@@ -110,12 +110,14 @@ def scan_directory(directory: str | os.PathLike) -> list[dict]:
     return out
 
 
-def load_datalist(path_or_dir: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None) -> list[dict]:
+def load_datalist(path_or_dir: str | os.PathLike, key: str = "training", base_dir: str | os.PathLike | None = None,
+                  check_exists: bool = True) -> list[dict]:
     """Entries {"image": abs path[, "label": abs path]} of a datalist JSON split or an image folder.
 
     A folder with dataset_0.json / dataset.json is read through it; otherwise every image in it
     (or in its imagesTr) is listed for key "training" and no entries for other keys. Raises
-    DataError for a missing path, malformed JSON, a missing split or a listed file that is absent.
+    DataError for a missing path, malformed JSON, a missing split or (``check_exists``) a listed file
+    that is absent; callers that quarantine bad files themselves pass ``check_exists=False``.
     """
     p = Path(path_or_dir)
     if not p.exists():
@@ -123,13 +125,13 @@ def load_datalist(path_or_dir: str | os.PathLike, key: str = "training", base_di
     if p.is_dir():
         for name in DATALIST_NAMES:
             if (p / name).is_file():
-                return _load_json_datalist(p / name, key, base_dir)
+                return _load_json_datalist(p / name, key, base_dir, check_exists)
         entries = scan_directory(p) if key == "training" else []
         if key == "training" and not entries:
             raise DataError(f"{p}: no images found (expected *.nii, *.nii.gz, *.mha, *.nrrd or DICOM series folders)")
         return entries
     if p.suffix.lower() == ".json":
-        return _load_json_datalist(p, key, base_dir)
+        return _load_json_datalist(p, key, base_dir, check_exists)
     if _is_image_file(p):
         return [{"image": str(p.resolve())}]
     raise DataError(f"{p}: expected a datalist .json, an image file or a directory of images")

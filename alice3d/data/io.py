@@ -134,10 +134,21 @@ def _nifti_image(path: str):
         raise DataError(f"{path}: not a valid NIfTI image: {e}") from None
 
 
+def _check_gzip_stream(path: str) -> None:
+    """Decompress to the end so gzip checks its CRC-32 and length: nibabel stops reading at the last
+    voxel, so a damaged deflate block would otherwise load as silently wrong intensities."""
+    with gzip.open(path, "rb") as g:
+        while g.read(1 << 24):
+            pass
+
+
 def _nifti_data(img, path: str) -> np.ndarray:
     """Voxel data in the stored dtype (ints stay ints when the scaling is trivial)."""
     try:
-        return np.asanyarray(img.dataobj)
+        arr = np.asanyarray(img.dataobj)
+        if path.lower().endswith(".gz"):
+            _check_gzip_stream(path)
+        return arr
     except (gzip.BadGzipFile, zlib.error, EOFError, OSError, ValueError) as e:
         raise DataError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
 

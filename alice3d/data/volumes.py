@@ -47,7 +47,8 @@ def resolve_image_paths(data: str, phantom_n: int = 16, phantom_seed: int = 0, k
         except DataError:
             pass
     else:
-        entries = load_datalist(data, key=key)
+        # A listed file that is missing is one more bad volume (quarantined or fatal per on_bad_data).
+        entries = load_datalist(data, key=key, check_exists=False)
     return [str(e["image"]) if isinstance(e, dict) else str(e) for e in entries]
 
 

@@ -146,4 +146,4 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> None:
     results = _json_safe(results)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     md = classification_markdown(results) if results.get("kind") == "classification" else results_markdown(results)
-    (run_dir / "results.md").write_text(md)
+    (run_dir / "results.md").write_text(md, encoding="utf-8")  # not the locale default: it may be ASCII

@@ -232,6 +232,10 @@ def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, 
 
 
 def _log_summary(results: dict[str, Any]) -> None:
+    bad = {**results.get("bad_train_cases", {}), **results.get("bad_cases", {})}
+    if bad:
+        log.warning("%d bad case(s) were left out of this run (data.on_bad_data=skip; see data_report.json):\n  %s",
+                    len(bad), "\n  ".join(f"{k}: {v}" for k, v in bad.items()))
     m = results["metrics"]
     if results["kind"] == CLASSIFICATION:
         log.info("validation AUC %s, accuracy %s", m.get("auc"), m.get("accuracy"))

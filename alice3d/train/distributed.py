@@ -59,6 +59,25 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> tuple[Di
     return DistInfo(rank, world, local_rank), device
 
 
+def is_comm_failure(e: BaseException) -> bool:
+    """Does ``e`` come from a collective or rendezvous that another process left hanging or broke?"""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout"))
+
+
+def comm_failure_message(e: BaseException, rank: int, timeout_s: float) -> str:
+    """One paragraph for the user: what happened, what to look at, how to continue."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (
+        f"process rank {rank}: another process of this distributed run stopped or did not answer within "
+        f"train.dist_timeout_s={timeout_s:g} s, so this one stops too. Check the other processes' logs for the "
+        f"first error, then restart every process with --resume. ({type(e).__name__}: {first[:300]})"
+    )
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -37,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alice3d.config import TrainConfig, to_dict
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from alice3d.train.distributed import DistInfo, init_distributed, resolve_device
+from alice3d.train.distributed import (DistInfo, comm_failure_message, init_distributed, is_comm_failure,
+                                      resolve_device)
 from alice3d.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("alice3d.train")
@@ -159,7 +161,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.full_config = full_config
         self.device = resolve_device(cfg.device)
-        self.dist, self.device = init_distributed(self.device, cfg.dist_timeout_s)
+        try:
+            self.dist, self.device = init_distributed(self.device, cfg.dist_timeout_s)
+        except (RuntimeError, ValueError) as e:
+            if not is_comm_failure(e):
+                raise
+            raise TrainingError(comm_failure_message(e, int(os.environ.get("RANK", "0")), cfg.dist_timeout_s)) from e
         self.model = model.to(self.device)
         self.optimizer = optimizer or build_optimizer(self.model, cfg)
         self.scheduler = scheduler or build_scheduler(self.optimizer, cfg)
@@ -185,7 +192,7 @@ class Trainer:
 
     def state(self, step: int) -> dict:
         return {
-            "metadata": {"kind": "alice3d-checkpoint"},
+            "metadata": {"kind": "alice3d-checkpoint", "run": self._run_type()},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -201,8 +208,18 @@ class Trainer:
             log.info("checkpoint saved at step %d: %s", step, self.ckpt_path)
         self._barrier()
 
+    def _run_type(self) -> str:
+        """Which command's config the run has (a pretraining checkpoint never resumes a fine-tuning run)."""
+        return type(self.full_config).__name__ if self.full_config is not None else ""
+
     def _load(self) -> int:
         ckpt = load_checkpoint(self.ckpt_path, map_location=self.device, expect_kind="alice3d-checkpoint")
+        saved_run = ckpt.get("metadata", {}).get("run", "")
+        if saved_run and self._run_type() and saved_run != self._run_type():
+            raise TrainingError(
+                f"cannot resume from {self.ckpt_path}: its metadata says it was written by a {saved_run} run, "
+                f"not a {self._run_type()} run; resume it with the command that wrote it, or choose a new --out"
+            )
         if self.full_config is not None:
             diffs = config_differences(ckpt.get("config", {}), to_dict(self.full_config))
             if diffs:
@@ -279,6 +296,9 @@ class Trainer:
     def fit(self, dataset: Dataset, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:  # temp files of saves that a kill cut short (last.pt itself is always whole)
+            for stale in self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         start = 0
         if resume:
             if not self.ckpt_path.exists():
@@ -342,11 +362,11 @@ class Trainer:
                         self.skipped_steps += 1
                         consecutive_bad += 1
                         log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); update skipped",
-                                    step, float(terms["loss"]), float(gnorm))
+                                    step + 1, float(terms["loss"]), float(gnorm))
                         if consecutive_bad >= cfg.max_bad_steps:
                             raise TrainingError(
                                 f"{consecutive_bad} consecutive steps with a non-finite loss or gradient "
-                                f"(last at step {step}); stopping. The last good checkpoint is intact: "
+                                f"(last at step {step + 1}); stopping. The last good checkpoint is intact: "
                                 f"{self.ckpt_path if self.ckpt_path.exists() else 'none saved yet'}. "
                                 "Lower train.lr, check the data report, or raise train.max_bad_steps."
                             )
@@ -386,6 +406,11 @@ class Trainer:
                 self.save_checkpoint(result.step)
                 if last_batch is not None:
                     self.write_preview(unwrapped, last_batch, result.step)
+            except RuntimeError as e:
+                ours = isinstance(e, (TrainingError, CheckpointError))
+                if self.dist.enabled and not ours and is_comm_failure(e):
+                    raise TrainingError(comm_failure_message(e, self.dist.rank, cfg.dist_timeout_s)) from e
+                raise
             finally:
                 bar.close()
         result.skipped_steps = self.skipped_steps

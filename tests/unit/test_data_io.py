@@ -1,6 +1,7 @@
 """Volume loading (nibabel / SimpleITK), geometry helpers and loader errors."""
 
 import gzip
+import locale
 
 import nibabel as nib
 import numpy as np
@@ -195,13 +196,16 @@ def test_gzip_module_errors_are_wrapped(tmp_path):
         load_volume(tmp_path / "x.nii.gz")
 
 
-def test_dicom_series_directory(tmp_path):
+def test_dicom_series_directory(tmp_path, request):
     from alice3d.data.datalists import load_datalist
 
     series = tmp_path / "case1"
     series.mkdir()
     arr = np.arange(4 * 6 * 5, dtype=np.int16).reshape(4, 6, 5)  # (z, y, x) as SimpleITK sees it
     uid = "1.2.826.0.1.3680043.2.1125.1.7"
+    # GDCM's writer sets the process locale to "C" (ASCII text I/O for every later test): restore it.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    request.addfinalizer(lambda: locale.setlocale(locale.LC_ALL, saved_locale))
     for k in range(4):
         sl = sitk.GetImageFromArray(arr[k])
         sl.SetSpacing((0.7, 0.8))
