@@ -149,16 +149,7 @@ class Alice(nn.Module):
             )
         # Everything in `online` has a twin in `target` updated by EMA; nothing else does.
         self.online = nn.ModuleDict(online)
-        self.decoder = MAEDecoder(
-            num_tokens=encoder.num_tokens,
-            grid=encoder.grid,
-            encoder_dim=dim,
-            decoder_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_heads,
-            out_dim=math.prod(encoder.patch_size) * cfg.in_channels if cfg.w_rec > 0 else 0,
-            use_flash_attention=cfg.use_flash_attention,
-        )
+        self.decoder = MAEDecoder.for_encoder(encoder, cfg, encoder_dim=dim, pixels=cfg.w_rec > 0)
         self.dec_proj: nn.Module | None = None
         self.casa: CASA | None = None
         self.target: nn.ModuleDict | None = None

@@ -14,7 +14,6 @@ Batch: `{"image": (B, C, *img_size)}`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -110,16 +109,7 @@ class CCMIM(nn.Module):
         cfg.validate()
         self.encoder = build_encoder(replace(cfg, encoder_kwargs={**cfg.encoder_kwargs, "cls_token": True}))
         dim = self.encoder.hidden_size
-        self.decoder = MAEDecoder(
-            num_tokens=self.encoder.num_tokens,
-            grid=self.encoder.grid,
-            encoder_dim=dim,
-            decoder_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_heads,
-            out_dim=math.prod(self.encoder.patch_size) * cfg.in_channels,
-            use_flash_attention=cfg.use_flash_attention,
-        )
+        self.decoder = MAEDecoder.for_encoder(self.encoder, cfg, encoder_dim=dim)
         # BN projector as in the public code; the predictor only exists for SimSiam.
         self.projector = PredictorMLP(dim, cfg.proj_hidden_dim, cfg.proj_dim, norm="bn")
         self.predictor = (

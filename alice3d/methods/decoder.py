@@ -26,6 +26,22 @@ class MAEDecoder(nn.Module):
     decoder features without a reconstruction loss, so no parameter is left without a gradient.
     """
 
+    @classmethod
+    def for_encoder(cls, encoder, cfg, encoder_dim: int | None = None, pixels: bool = True) -> "MAEDecoder":
+        """The decoder of a method config (``decoder_dim``, ``decoder_depth``, ``decoder_heads``,
+        ``in_channels``, ``use_flash_attention``) on top of ``encoder`` (its token grid and patch).
+        ``pixels=False``: features only, no pixel head."""
+        return cls(
+            num_tokens=encoder.num_tokens,
+            grid=encoder.grid,
+            encoder_dim=encoder_dim or encoder.hidden_size,
+            decoder_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            num_heads=cfg.decoder_heads,
+            out_dim=math.prod(encoder.patch_size) * cfg.in_channels if pixels else 0,
+            use_flash_attention=cfg.use_flash_attention,
+        )
+
     def __init__(
         self,
         num_tokens: int,

@@ -8,7 +8,6 @@ normalised pixels (norm-pix). Batch: `{"image": (B, C, *img_size)}` floats.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,16 +162,7 @@ class MAE(nn.Module):
         self.cfg = cfg = cfg or MAEConfig()
         cfg.validate()
         self.encoder = build_encoder(cfg)
-        self.decoder = MAEDecoder(
-            num_tokens=self.encoder.num_tokens,
-            grid=self.encoder.grid,
-            encoder_dim=self.encoder.hidden_size,
-            decoder_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_heads,
-            out_dim=math.prod(self.encoder.patch_size) * cfg.in_channels,
-            use_flash_attention=cfg.use_flash_attention,
-        )
+        self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)
 
     def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
         """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from the visible tokens."""

@@ -18,7 +18,6 @@ symmetrised. Batch for both: `{"image": (B, C, *img_size)}`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -83,16 +82,7 @@ class RMAE(nn.Module):
         self.cfg = cfg = cfg or RMAEConfig()
         cfg.validate()
         self.encoder = build_encoder(cfg)
-        self.decoder = MAEDecoder(
-            num_tokens=self.encoder.num_tokens,
-            grid=self.encoder.grid,
-            encoder_dim=self.encoder.hidden_size,
-            decoder_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            num_heads=cfg.decoder_heads,
-            out_dim=math.prod(self.encoder.patch_size) * cfg.in_channels,
-            use_flash_attention=cfg.use_flash_attention,
-        )
+        self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)
 
     def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
         """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from `masking.ids_keep`."""
