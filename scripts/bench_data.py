@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 import bench_common as bc
 
 
-def build_dataset(args):
-    from alice3d.cli.pretrain import PretrainConfig, pair_dataset
+def build_config(args):
+    from alice3d.cli.pretrain import PretrainConfig
     from alice3d.config import load_config
 
     overrides = [f"alice.img_size={list(args.crop)}", f"data.spacing={list(args.spacing)}",
@@ -38,7 +38,12 @@ def build_dataset(args):
         overrides.append(f"data.data={args.data}")
     if args.landmark:
         overrides.append(f"landmark={args.landmark}")
-    cfg = load_config(PretrainConfig, None, overrides)
+    return load_config(PretrainConfig, None, overrides)
+
+
+def build_dataset(cfg):
+    from alice3d.cli.pretrain import pair_dataset
+
     start = time.perf_counter()
     dataset = pair_dataset(cfg, cfg.alice)
     return dataset, time.perf_counter() - start
@@ -76,6 +81,41 @@ def time_augmentation(device: torch.device, batch: int, crop, patch: int, mask_r
             "pairs_per_s": batch / timing["median_s"]}
 
 
+class ReplayedPairs(torch.utils.data.Dataset):
+    """The first ``n`` pairs of ``dataset`` held in memory and served in a cycle: the model-only
+    reference (no matching, no cropping) for the same trainer and the same tensors."""
+
+    def __init__(self, dataset, n: int):
+        self.items = [dataset[i] for i in range(n)]
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i % len(self.items)]
+
+
+def time_training(dataset, cfg, steps: int, workers: int) -> float:
+    """Median samples/s of ``steps`` trainer steps (the first 3 excluded) of the run's method."""
+    import json
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from alice3d.cli.pretrain import METHODS
+    from alice3d.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = METHODS[cfg.method].build(getattr(cfg, cfg.method))
+    cfg.train.max_steps, cfg.train.log_every, cfg.train.ckpt_every = steps, 1, 0
+    cfg.train.preview_every, cfg.train.num_workers = 0, workers
+    with tempfile.TemporaryDirectory() as run:
+        Trainer(model, cfg.train, Path(run) / "run").fit(dataset)
+        lines = (Path(run) / "run" / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(line)["samples_per_s"] for line in lines][3:]
+    return statistics.median(rates)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder or datalist (default: embedded phantom cohort)")
@@ -90,11 +130,15 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=int, default=16, help="token size for the masks drawn with the views")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="also train the default Alice this many steps on the real pairs and on pairs replayed "
+                        "from memory (model-only): end-to-end throughput as a fraction of model-only")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
-    dataset, setup_s = build_dataset(args)
+    cfg = build_config(args)
+    dataset, setup_s = build_dataset(cfg)
     cuda = torch.cuda.is_available()
     cpu = torch.device("cpu")
     settings = (f"crop {tuple(args.crop)} @ {tuple(args.spacing)} mm, pairs={args.pairs}, "
@@ -114,10 +158,21 @@ def main(argv=None) -> int:
     print(f"# augmentation (make_alice_views: masks + strong augmentation of 2 x batch {args.batch})")
     bc.print_table(aug_rows, ["device", "batch", "median_s", "pairs_per_s"])
     print(f"# matcher (main-process pairs only): {stats}")
+    training = None
+    if args.train_steps:
+        workers = max(args.workers)
+        cfg.train.batch_size = args.batch
+        real = time_training(dataset, cfg, args.train_steps, workers)
+        replay = time_training(ReplayedPairs(dataset, 2 * args.batch), cfg, args.train_steps, 0)
+        training = {"steps": args.train_steps, "workers": workers, "end_to_end_samples_per_s": real,
+                    "model_only_samples_per_s": replay, "ratio": real / replay}
+        print(f"# training the default Alice, batch {args.batch}, {args.train_steps} steps: end-to-end "
+              f"{real:.2f} samples/s ({workers} workers) vs model-only {replay:.2f} samples/s "
+              f"(pairs replayed from memory): {100 * real / replay:.0f} %")
     if args.json:
         bc.write_json(args.json, {"machine": bc.machine_info(torch.device("cuda") if cuda else cpu),
                                   "settings": vars(args), "setup_s": setup_s, "loader": loader_rows,
-                                  "augmentation": aug_rows, "matcher_stats": stats})
+                                  "augmentation": aug_rows, "matcher_stats": stats, "training": training})
     return 0
 
 
