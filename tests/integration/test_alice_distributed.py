@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import socket
 
 import torch
 
@@ -53,11 +52,6 @@ def run_alice(run_dir, batch_size):
     return model
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, run_dir, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -73,11 +67,11 @@ def logged(run_dir, key):
     return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, free_port):
     torch.set_num_threads(1)
     single = run_alice(tmp_path / "single", GLOBAL_BATCH)
     out = tmp_path / "ddp_state.pt"
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), tmp_path / "ddp", out), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port, tmp_path / "ddp", out), nprocs=2)
     ddp_state = torch.load(out, weights_only=True)
 
     # Every logged term (reconstruction, inter-volume InfoNCE over the gathered batch, intra/CASA)

@@ -4,7 +4,6 @@ within train.dist_timeout_s instead of waiting forever. Every wait here has a ha
 from __future__ import annotations
 
 import signal
-import socket
 
 import pytest
 
@@ -13,21 +12,16 @@ from faults import COMMANDS, log_text, wait_for_steps
 TIMEOUT_S = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.parametrize("name,fault", [
     pytest.param("pretrain", "kill", id="pretrain-rank1-killed"),
     pytest.param("pretrain", "hang", id="pretrain-rank1-hangs", marks=pytest.mark.slow),
     pytest.param("finetune", "kill", id="finetune-rank1-killed", marks=pytest.mark.slow),
 ])
-def test_surviving_rank_stops_with_a_message(name, fault, cohort, tmp_path):
+def test_surviving_rank_stops_with_a_message(name, fault, cohort, tmp_path, free_port):
     cmd = COMMANDS[name]
     run = tmp_path / "run"
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port), "WORLD_SIZE": "2"}
     extra = ["train.max_steps=100000", "train.ckpt_every=2", "train.batch_size=1", "train.eval_every=0",
              f"train.dist_timeout_s={TIMEOUT_S}"]
     procs = [cmd.popen(run, cohort, *extra, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},

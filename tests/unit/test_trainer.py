@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 
 import pytest
 import torch
@@ -179,11 +178,6 @@ def test_malicious_pickle_is_refused(tmp_path):
         load_checkpoint(tmp_path / "lm.pt", expect_kind="alice3d-encoder")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, run, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -197,11 +191,11 @@ def _ddp_worker(rank, world, port, run, out):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+def test_two_process_gloo_matches_single_process(tmp_path, free_port):
     single = make_cfg(max_steps=5, batch_size=4)
     model = Toy()
     Trainer(model, single.train, tmp_path / "single", full_config=single).fit(ToyData())
     out = tmp_path / "w.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), tmp_path / "ddp", out), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port, tmp_path / "ddp", out), nprocs=2)
     assert torch.allclose(torch.load(out, weights_only=True), model.lin.weight, atol=1e-5)
     assert losses(tmp_path / "ddp")  # rank 0 logged
