@@ -14,9 +14,6 @@ never leaves a half-written model behind and concurrent callers agree on the res
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger("alice3d.landmark")
@@ -49,6 +46,7 @@ def shipped_model(n: int, seed: int) -> Path | None:
 def default_landmark_model(n: int = 16, seed: int = 0) -> Path:
     """Path of ``landmark.pt`` trained with the default config on ``default_cohort(n, seed)``."""
     from alice3d.config import load_config
+    from alice3d.data.phantom import build_cache_dir
     from landmark.config import LandmarkConfig
     from landmark.train import load_train_volumes, train_landmark
 
@@ -59,22 +57,14 @@ def default_landmark_model(n: int = 16, seed: int = 0) -> Path:
     model = final / "landmark.pt"
     if model.is_file():
         return model
-    final.parent.mkdir(parents=True, exist_ok=True)
     cfg = load_config(LandmarkConfig, None, [f"data.phantom_n={n}", f"data.phantom_seed={seed}"])
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.part-"))
     log.info("training the default landmark model on the phantom cohort (once; cached in %s)", final)
-    try:
+
+    def build(tmp: Path) -> None:
         if train_landmark(cfg, load_train_volumes(cfg), tmp) is None:
             log.warning("interrupted while training the default landmark model; nothing was cached, "
                         "run the command again to start it over")
             raise SystemExit(3)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not model.is_file():  # not another process's finished model: take ours
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    build_cache_dir(final, build, lambda d: (d / "landmark.pt").is_file())
     return model

@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +48,29 @@ def cache_root() -> Path:
     """$ALICE3D_CACHE if set, else ~/.cache/alice3d."""
     env = os.environ.get("ALICE3D_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "alice3d"
+
+
+def build_cache_dir(final: Path, build: Callable[[Path], None], finished: Callable[[Path], bool]) -> Path:
+    """``build(tmp)`` into a temporary sibling of ``final``, then rename it into place.
+
+    An interrupted build never leaves a half folder at ``final``, and when several processes
+    build at once the first finished folder wins (``finished(final)`` tells whether it is one).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.part-"))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not finished(final):  # not someone else's finished folder: take ours
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 _TEMPLATES: dict[float, Template] = {}
@@ -272,21 +295,8 @@ def default_cohort(n: int = 16, seed: int = 0, size: str = "small", *, progress:
     final = root / f"{size}-n{n}-s{seed}-v{PHANTOM_VERSION}"
     if (final / "dataset_0.json").is_file() and (final / MAPS_FILE).is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.part-"))
-    try:
-        generate_cohort(tmp, n=n, seed=seed, size=size, progress=progress)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "dataset_0.json").is_file():  # not someone else's finished cohort: retry once
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_cache_dir(final, lambda tmp: generate_cohort(tmp, n=n, seed=seed, size=size, progress=progress),
+                           lambda d: (d / "dataset_0.json").is_file())
 
 
 def held_out_phantom(

@@ -218,3 +218,22 @@ def test_held_out_phantom(tmp_path):
     loaded = load_maps_file(tmp_path / "extra.map.json")["extra"]
     p = vol.voxel_to_world(np.array([[10.0, 20.0, 5.0]]))
     assert np.allclose(loaded.backward(p), m.backward(p))
+
+
+def test_build_cache_dir_publishes_whole_folders_only(tmp_path):
+    from alice3d.data.phantom import build_cache_dir
+
+    done = lambda d: (d / "ok").is_file()  # noqa: E731
+
+    def broken(tmp):
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache_dir(tmp_path / "c" / "final", broken, done)
+    assert list((tmp_path / "c").iterdir()) == []  # neither a half folder nor a temporary one
+    final = build_cache_dir(tmp_path / "c" / "final", lambda t: (t / "ok").write_text("1"), done)
+    assert (final / "ok").read_text() == "1"
+    # A second builder finishing later keeps the first finished folder.
+    build_cache_dir(final, lambda t: (t / "ok").write_text("2"), done)
+    assert (final / "ok").read_text() == "1" and [p.name for p in final.parent.iterdir()] == ["final"]
