@@ -87,6 +87,14 @@ class MatchConfig:
     refine: bool = True  # sub-voxel refinement of the peak (parabola per axis)
     coarse_cells: int = 128  # coarse-to-fine search (CPU default): coarse cells searched in detail
     chunk_voxels: int = 2**25  # queries x target voxels handled per block (memory bound)
+    # "affine": map queries through a robust affine fitted, once per volume pair, to the
+    # matches of body anchors that survive a round trip A -> B -> A; "none": per-point argmax.
+    consistency: str = "affine"
+    anchors: int = 256  # body points of A matched to fit the pair's affine
+    roundtrip_mm: float = 10.0  # an anchor is kept if A -> B -> A lands this close to it
+
+
+CONSISTENCY_MODES = ("affine", "none")
 
 
 @dataclass
@@ -138,6 +146,7 @@ class LandmarkConfig:
             raise ConfigError(f"model.coarse_level: expected 1..{len(m.widths)}, got {m.coarse_level}")
         check_choice("model.norm", m.norm, ["batch", "none"])
         check_choice("pairs.fallback", self.pairs.fallback, ["best", "position"])
+        check_choice("match.consistency", self.match.consistency, list(CONSISTENCY_MODES))
         if len(self.data.spacing) != 3:
             raise ConfigError(f"data.spacing: expected 3 values (mm), got {list(self.data.spacing)}")
         lo, hi = self.data.hu_window

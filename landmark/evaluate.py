@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-log = logging.getLogger("alice3d.landmark")
+from landmark.match import BODY_HU
 
-BODY_HU = -500.0  # above: soft tissue, fat, bone; below: air and lung
+log = logging.getLogger("alice3d.landmark")
 
 
 @dataclass

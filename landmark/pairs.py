@@ -54,13 +54,15 @@ class PairSampler:
     default: each volume's ``path``. A match scoring below ``min_score`` is retried with a
     new query point up to ``max_retries`` times; after that the ``fallback`` applies
     (``"best"``: the best-scoring try, ``"position"``: same normalised position), which is
-    logged, counted in :attr:`stats` and flagged in the sample's metadata.
+    logged, counted in :attr:`stats` and flagged in the sample's metadata. ``consistency``:
+    the matcher's mode for these pairs (``"none"``: per-point argmax, ``"affine"``: through
+    the pair's fitted affine, see :mod:`landmark.match`).
     """
 
     def __init__(self, volumes: Sequence, matcher=None, crop_size: Sequence[int] = (192, 192, 64),
                  min_score: float = 0.5, max_retries: int = 4, seed: int = 0, body_threshold: float = 0.05,
                  fallback: str = "best", sources: Sequence | None = None, pad_value: float | None = None,
-                 device: str = "cpu", match_device: str = "cpu"):
+                 device: str = "cpu", match_device: str = "cpu", consistency: str = "none"):
         if len(volumes) < 2:
             raise PairError(f"crop pairs need at least two volumes, got {len(volumes)}")
         if fallback not in ("best", "position"):
@@ -97,6 +99,7 @@ class PairSampler:
                 matcher = Matcher(matcher, device=device, memory_items=max(32, len(volumes)))
             self.matcher = matcher
             self.matcher.memory_items = max(self.matcher.memory_items, len(volumes))
+            self.matcher.consistency = consistency
             self.embeddings = self._embed_all(volumes, sources)
             if match_device != str(self.matcher.device):
                 # Embeddings are computed once on ``device``; the per-pair queries run on

@@ -88,7 +88,8 @@ def test_matcher_reuses_cache_across_instances(tmp_path):
     assert len(files) == 1
     m2 = Matcher(net, cache_dir=tmp_path)  # a new process would do the same
     e2 = m2.embed(vol)
-    assert m2.stats == {"computed": 0, "disk_hits": 1, "memory_hits": 0, "recomputed_bad_cache": 0}
+    assert {k: m2.stats[k] for k in ("computed", "disk_hits", "memory_hits", "recomputed_bad_cache")} == {
+        "computed": 0, "disk_hits": 1, "memory_hits": 0, "recomputed_bad_cache": 0}
     np.testing.assert_array_equal(e2.fine.numpy(), e1.fine.numpy())
     np.testing.assert_allclose(e2.fine_affine, e1.fine_affine)
     assert e2.fine.dtype == torch.float16  # compact storage

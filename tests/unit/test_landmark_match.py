@@ -77,8 +77,9 @@ def test_same_image_voxel_centres_match_themselves(net, volume, tmp_path):
     np.testing.assert_allclose(scores, 1.0, atol=2e-3)  # fp16 storage
 
 
-def test_translated_copy_gives_translated_matches(net, volume, tmp_path):
-    m = Matcher(net, cache_dir=tmp_path)
+@pytest.mark.parametrize("consistency", ["affine", "none"])
+def test_translated_copy_gives_translated_matches(net, volume, tmp_path, consistency):
+    m = Matcher(net, cache_dir=tmp_path, consistency=consistency)
     pts = _points(volume)
     ref, ref_s = m.match(volume, volume, pts)
     t = np.array([13.0, -7.5, 40.25])
@@ -89,9 +90,10 @@ def test_translated_copy_gives_translated_matches(net, volume, tmp_path):
     np.testing.assert_allclose(s, ref_s, atol=1e-6)
 
 
+@pytest.mark.parametrize("consistency", ["affine", "none"])
 @pytest.mark.parametrize("codes", ["LPS", "LAI", "PIR"])
-def test_reoriented_copy_gives_identical_world_matches(net, volume, tmp_path, codes):
-    m = Matcher(net, cache_dir=tmp_path)
+def test_reoriented_copy_gives_identical_world_matches(net, volume, tmp_path, codes, consistency):
+    m = Matcher(net, cache_dir=tmp_path, consistency=consistency)
     pts = _points(volume)
     ref, _ = m.match(volume, volume, pts)
     arr, aff = reorient_array(volume.array, volume.affine, codes)
