@@ -120,9 +120,15 @@ def evaluate_pairs(cases: Sequence[Case], maps: dict, methods: dict[str, Callabl
     return out
 
 
-def matcher_method(matcher) -> Callable:
+def matcher_method(matcher, consistency: str | None = None) -> Callable:
+    """A method for :func:`evaluate_pairs`; ``consistency`` overrides the matcher's mode for its calls."""
     def fn(a: Case, b: Case, pts: np.ndarray) -> np.ndarray:
-        return matcher.match(a.volume, b.volume, pts)[0]
+        saved = matcher.consistency
+        matcher.consistency = consistency or saved
+        try:
+            return matcher.match(a.volume, b.volume, pts)[0]
+        finally:
+            matcher.consistency = saved
 
     return fn
 

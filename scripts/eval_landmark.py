@@ -4,7 +4,8 @@
 
 Default test set: a phantom cohort generated with another seed than the training cohort
 (subjects never seen in training). Compares the trained model with the same network
-untrained and with the bounding-box baseline; prints a table and one JSON line.
+untrained and with the bounding-box baseline, each network with the default matching
+(``affine``: pair consistency) and point by point (``argmax``); prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cases, maps = load_cases(cohort)
     trained = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases))
-    methods = {"trained": matcher_method(trained)}
+    # "affine": the default matching (pair consistency); "argmax": each point on its own
+    methods = {"trained_affine": matcher_method(trained, "affine"), "trained_argmax": matcher_method(trained, "none")}
     if not args.no_untrained:
         _, meta = load_landmark_model(args.model)
         net = untrained_network(meta, [c.volume for c in cases])
         untrained = Matcher(net, use_cache=False, device=args.device, spacing=meta["spacing"],
                             hu_window=meta["hu_window"], memory_items=len(cases))
-        methods["untrained"] = matcher_method(untrained)
+        methods["untrained_affine"] = matcher_method(untrained, "affine")
+        methods["untrained_argmax"] = matcher_method(untrained, "none")
     methods["bbox_position"] = box_baseline
     result = evaluate_pairs(cases, maps, methods, n_pairs=args.pairs, n_points=args.points, seed=args.seed)
     result.update(cohort=str(cohort), model=str(args.model), seconds=round(time.perf_counter() - t0, 1))

@@ -90,6 +90,24 @@ def test_match_prints_json_lines_and_png(run, cohort, tmp_path, capsys):
     assert len(list((tmp_path / "cache").rglob("*.emb"))) == 2
 
 
+@pytest.mark.parametrize("mode", ["affine", "none"])
+def test_match_consistency_flag_selects_the_mode(run, cohort, tmp_path, capsys, mode):
+    from landmark.match import Matcher
+
+    a, b = cohort / "imagesTr" / "img0001.nii.gz", cohort / "imagesTr" / "img0002.nii.gz"
+    c = _centre(a)
+    capsys.readouterr()
+    code = _main(["match", "--model", str(run / "landmark.pt"), "--source", str(a), "--target", str(b),
+                  "--points", f"{c[0]},{c[1]},{c[2]}", "--consistency", mode, "--cache-dir", str(tmp_path)])
+    assert code == 0
+    got = json.loads(capsys.readouterr().out)
+    m = Matcher(run / "landmark.pt", cache_dir=tmp_path, consistency=mode)
+    want, score = m.match(a, b, np.array([c]))
+    assert got["match"] == pytest.approx(want[0].tolist(), abs=1e-3)
+    assert got["score"] == pytest.approx(float(score[0]), abs=1e-5)
+    assert m.stats["pair_transforms"] + m.stats["pair_fallbacks"] == (1 if mode == "affine" else 0)
+
+
 def test_match_errors_are_one_clear_line(run, cohort, tmp_path, capsys):
     a = cohort / "imagesTr" / "img0001.nii.gz"
     code = _main(["match", "--model", str(run / "landmark.pt"), "--source", str(a), "--target", str(a),
