@@ -122,3 +122,18 @@ def test_points_mapped_outside_b_get_the_argmax_inside_b(net, volume, tmp_path, 
     ref, ref_s = plain.match(volume, volume, pts[1:])
     np.testing.assert_allclose(found[1:], ref)
     np.testing.assert_allclose(scores[1:], ref_s)
+
+
+def test_consistency_settings_are_checked_where_they_are_configured(net):
+    from alice3d.cli.pretrain import PretrainConfig
+    from alice3d.config import ConfigError, load_config
+    from landmark.config import LandmarkConfig
+
+    assert load_config(LandmarkConfig, None, ["match.consistency=none"]).match.consistency == "none"
+    with pytest.raises(ConfigError, match="match.consistency"):
+        load_config(LandmarkConfig, None, ["match.consistency=rigid"])
+    assert load_config(PretrainConfig, None, ["pairs.consistency=affine"]).pairs.consistency == "affine"
+    with pytest.raises(ConfigError, match="pairs.consistency"):
+        load_config(PretrainConfig, None, ["pairs.consistency=yes"])
+    with pytest.raises(ValueError, match="consistency"):
+        Matcher(net, use_cache=False, consistency="rigid")

@@ -136,3 +136,17 @@ def test_bad_inputs_raise_pair_errors(setup):
         PairSampler([vols[0], other], None, crop_size=(8, 8, 8))
     with pytest.raises(PairError, match="no source path"):
         PairSampler(vols, matcher, crop_size=(8, 8, 8))
+
+
+@pytest.mark.parametrize("mode", ["none", "affine"])
+def test_pairs_use_the_configured_matcher_consistency(setup, tmp_path, mode):
+    hu, vols, matcher = setup
+    m = Matcher(matcher.net, cache_dir=tmp_path)
+    sampler = PairSampler(vols, m, crop_size=(16, 16, 8), min_score=-1.0, sources=hu, seed=0, consistency=mode)
+    meta = sampler.sample(3)["meta"]
+    a, b = meta["ids"]
+    assert m.consistency == mode
+    assert m.stats["pair_transforms"] + m.stats["pair_fallbacks"] == (1 if mode == "affine" else 0)
+    ref = Matcher(matcher.net, cache_dir=tmp_path, consistency=mode)
+    found, _ = ref.match(hu[a], hu[b], np.array([meta["points"][0]]))
+    np.testing.assert_allclose(found[0], meta["points"][1], atol=1e-6)
