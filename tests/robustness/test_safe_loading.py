@@ -87,7 +87,7 @@ def test_malicious_embedding_cache_entry_is_refused_and_recomputed(cohort, tiny_
     from landmark.embed_cache import read_entry
 
     arrays, _ = read_entry(entry)  # replaced by a valid entry
-    assert set(arrays) == {"fine", "coarse"}
+    assert set(arrays) == {"body", "fine", "coarse"}
 
 
 # ----------------------------------------------------------------------------- wrong kind
