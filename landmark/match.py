@@ -27,6 +27,7 @@ skipped); ``coarse`` scores only the voxels of the most promising coarse cells.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -49,6 +50,8 @@ MODEL_KIND = "alice3d-landmark"
 EMBED_FORMAT = "landmark-embedding-v2"  # v2: body mask on the fine grid
 BODY_HU = -500.0  # above: soft tissue, fat, bone; below: air and lung
 MIN_ANCHORS = 12  # consistent anchors needed to fit a pair's affine (4 would determine it)
+PAIR_FORMAT = "landmark-pair-affine-v1"
+_MISSING = object()  # no usable cache entry (None is a cached "could not fit")
 
 
 class MatchError(ValueError):
@@ -362,7 +365,7 @@ class Matcher:
             raise ValueError(f"consistency: expected one of {list(CONSISTENCY_MODES)}, got {self.consistency!r}")
         self.anchors = int(anchors or match_meta.get("anchors", defaults.match.anchors))
         self.roundtrip_mm = float(roundtrip_mm or match_meta.get("roundtrip_mm", defaults.match.roundtrip_mm))
-        self._transforms: OrderedDict[tuple, PairTransform | None] = OrderedDict()
+        self._transforms: OrderedDict[str, PairTransform | None] = OrderedDict()
         self.net = self.net.to(self.device).eval()
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -509,33 +512,76 @@ class Matcher:
         return _apply(emb_b.fine_affine, idx.numpy()), score.float().clamp(-1.0, 1.0).numpy()
 
     def pair_transform(self, emb_a: Embedding, emb_b: Embedding) -> PairTransform | None:
-        """Robust affine world A -> world B from round-trip-consistent anchor matches (cached per pair).
+        """Robust affine world A -> world B from round-trip-consistent anchor matches.
 
-        None (logged) when fewer than ``MIN_ANCHORS`` anchors survive the round trip, e.g. when
-        the two fields of view barely overlap; matching then falls back to the per-point argmax.
+        Cached like embeddings: in memory, and on disk next to them (a few hundred bytes per
+        pair, keyed by both embeddings and the fit's settings), so repeated ``match`` calls and
+        other processes reuse it. None (logged) when fewer than ``MIN_ANCHORS`` anchors survive
+        the round trip, e.g. when the two fields of view barely overlap; matching then falls
+        back to the per-point argmax.
         """
-        key = (emb_a.key, emb_b.key, self.anchors, self.roundtrip_mm, self.fine_weight, self.search)
+        settings = {"anchors": self.anchors, "roundtrip_mm": self.roundtrip_mm, "fine_weight": self.fine_weight,
+                    "search": self.search, "coarse_cells": self.coarse_cells, "refine": self.refine}
+        key = hash_arrays(PAIR_FORMAT, emb_a.key, emb_b.key, self.model_key, json.dumps(settings, sort_keys=True))
         if key in self._transforms:
             self._transforms.move_to_end(key)
             return self._transforms[key]
-        anchors = emb_a.anchor_points(self.anchors)
-        found, _ = self.match_argmax(emb_a, emb_b, anchors, check=False)
-        back, _ = self.match_argmax(emb_b, emb_a, found, check=False)
-        ok = np.linalg.norm(back - anchors, axis=1) <= self.roundtrip_mm
-        transform = None
-        if ok.sum() >= MIN_ANCHORS:
-            matrix, residuals = robust_affine(anchors[ok], found[ok])
-            transform = PairTransform(matrix, int(ok.sum()), len(anchors), float(np.median(residuals)))
-            self.stats["pair_transforms"] += 1
-        else:
-            self.stats["pair_fallbacks"] += 1
-            log.warning("%s -> %s: only %d of %d anchors match consistently (need %d); "
-                        "matching these volumes point by point", emb_a.name or "A", emb_b.name or "B",
-                        int(ok.sum()), len(anchors), MIN_ANCHORS)
+        transform = self._read_pair(key) if self.use_cache else _MISSING
+        if transform is _MISSING:
+            transform = self._fit_pair(emb_a, emb_b)
+            if self.use_cache:
+                self._write_pair(key, transform)
+        if transform is None:  # said once per pair and process, not at every query
+            log.warning("%s -> %s: too few anchors match consistently (need %d); matching these volumes "
+                        "point by point", emb_a.name or "A", emb_b.name or "B", MIN_ANCHORS)
         self._transforms[key] = transform
         while len(self._transforms) > 4 * self.memory_items:
             self._transforms.popitem(last=False)
         return transform
+
+    def _fit_pair(self, emb_a: Embedding, emb_b: Embedding) -> PairTransform | None:
+        anchors = emb_a.anchor_points(self.anchors)
+        found, _ = self.match_argmax(emb_a, emb_b, anchors, check=False)
+        back, _ = self.match_argmax(emb_b, emb_a, found, check=False)
+        ok = np.linalg.norm(back - anchors, axis=1) <= self.roundtrip_mm
+        log.info("%s -> %s: %d of %d anchors match consistently", emb_a.name or "A", emb_b.name or "B",
+                 int(ok.sum()), len(anchors))
+        if ok.sum() < MIN_ANCHORS:
+            self.stats["pair_fallbacks"] += 1
+            return None
+        self.stats["pair_transforms"] += 1
+        matrix, residuals = robust_affine(anchors[ok], found[ok])
+        return PairTransform(matrix, int(ok.sum()), len(anchors), float(np.median(residuals)))
+
+    def _pair_path(self, key: str) -> Path:
+        return self.cache_dir / self.model_key[:20] / "pairs" / f"{key}.pair"
+
+    def _read_pair(self, key: str):
+        path = self._pair_path(key)
+        if not path.exists():
+            return _MISSING
+        try:
+            arrays, meta = read_entry(path, mmap=False, expect_meta={"pair_key": key})
+            matrix = arrays["matrix"]
+            if meta.get("fitted") is False:
+                return None
+            if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+                raise CacheError(f"{path}: matrix of shape {matrix.shape} is not a finite 4x4 affine")
+            return PairTransform(np.asarray(matrix, dtype=np.float64), int(meta["inliers"]), int(meta["anchors"]),
+                                 float(meta["residual_mm"]))
+        except (CacheError, KeyError, TypeError, ValueError) as e:
+            log.warning("pair cache entry unusable, refitting: %s", e)
+            return _MISSING
+
+    def _write_pair(self, key: str, transform: PairTransform | None) -> None:
+        meta = {"pair_key": key, "fitted": transform is not None}
+        matrix = np.zeros((0,)) if transform is None else transform.matrix
+        if transform is not None:
+            meta.update(inliers=transform.inliers, anchors=transform.anchors, residual_mm=transform.residual_mm)
+        try:
+            write_entry(self._pair_path(key), {"matrix": np.asarray(matrix, dtype=np.float64)}, meta)
+        except OSError as e:
+            log.warning("could not write pair cache %s (%s); continuing without it", self._pair_path(key), e)
 
     def _match_mapped(self, emb_a: Embedding, emb_b: Embedding, points_world,
                       transform: PairTransform) -> tuple[np.ndarray, np.ndarray]:

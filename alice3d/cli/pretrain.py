@@ -43,8 +43,8 @@ class PairsConfig:
     min_score: float = 0.3
     max_retries: int = 8
     # Matcher consistency for pairs. "affine" is far more accurate (README, landmark table) but
-    # fits one affine per volume pair first (about 2 s each on CPU, per DataLoader worker), so
-    # short runs default to the per-point argmax; crops are wide enough that its misses overlap.
+    # fits one affine per new volume pair first (about 1 s on CPU; then cached on disk), which
+    # dominates short runs; crops are wide enough that the per-point argmax's misses overlap.
     consistency: str = "none"
 
 

@@ -137,3 +137,44 @@ def test_consistency_settings_are_checked_where_they_are_configured(net):
         load_config(PretrainConfig, None, ["pairs.consistency=yes"])
     with pytest.raises(ValueError, match="consistency"):
         Matcher(net, use_cache=False, consistency="rigid")
+
+
+def test_pair_transform_is_cached_on_disk_and_a_corrupt_entry_is_refitted(net, volume, tmp_path, caplog):
+    t = np.array([6.0, -4.0, 10.0])
+    aff = volume.affine.copy()
+    aff[:3, 3] += t
+    other = Volume(volume.array, aff, "moved.nii.gz")
+    first = exact(net, tmp_path, consistency="affine")
+    ref = first.pair_transform(first.embed(volume), first.embed(other))
+    (entry,) = (tmp_path).rglob("pairs/*.pair")
+    second = exact(net, tmp_path, consistency="affine")  # another process would do the same
+    again = second.pair_transform(second.embed(volume), second.embed(other))
+    assert second.stats["pair_transforms"] == 0
+    np.testing.assert_array_equal(again.matrix, ref.matrix)
+    assert (again.inliers, again.anchors) == (ref.inliers, ref.anchors)
+    # other fit settings are another entry
+    third = exact(net, tmp_path, consistency="affine", anchors=64)
+    third.pair_transform(third.embed(volume), third.embed(other))
+    assert third.stats["pair_transforms"] == 1 and len(list(tmp_path.rglob("pairs/*.pair"))) == 2
+    # a damaged entry is refitted, with a warning
+    raw = bytearray(entry.read_bytes())
+    raw[-3] ^= 0xFF
+    entry.write_bytes(bytes(raw))
+    fourth = exact(net, tmp_path, consistency="affine")
+    with caplog.at_level(logging.WARNING, logger="alice3d.landmark"):
+        refit = fourth.pair_transform(fourth.embed(volume), fourth.embed(other))
+    assert "refitting" in caplog.text and fourth.stats["pair_transforms"] == 1
+    np.testing.assert_allclose(refit.matrix, ref.matrix)
+
+
+def test_a_pair_that_cannot_be_fitted_is_remembered_and_warned_about_once(net, volume, tmp_path, caplog):
+    other = Volume(np.roll(volume.array, 3, axis=2), volume.affine, "rolled")
+    m = exact(net, tmp_path, consistency="affine", anchors=MIN_ANCHORS - 1)
+    pts = np.array([[-20.0, -10.0, 40.0]])
+    with caplog.at_level(logging.WARNING, logger="alice3d.landmark"):
+        for _ in range(3):
+            m.match(volume, other, pts)
+    assert caplog.text.count("point by point") == 1 and m.stats["pair_fallbacks"] == 1
+    again = exact(net, tmp_path, consistency="affine", anchors=MIN_ANCHORS - 1)
+    assert again.pair_transform(again.embed(volume), again.embed(other)) is None
+    assert again.stats["pair_fallbacks"] == 0  # read from the disk cache, not refitted
