@@ -630,13 +630,17 @@ class Matcher:
         # Upsampled coarse similarity at every voxel of the chosen cells: (N, k, V).
         nb = torch.minimum((cells[:, :, None] + neighbours).clamp_min(0), torch.tensor(cshape) - 1)
         nb_vals = csim.flatten(1).gather(1, _ravel(nb, cshape).flatten(1)).view(len(csim), k, -1)
-        w = self.fine_weight
-        fine_sim = self._cell_similarities(q_f.float(), chosen, cshape, emb)  # NaN beyond the grid
-        score = torch.addcmul((1 - w) * (nb_vals @ weights.T), fine_sim, torch.tensor(w))
-        val, j = score.flatten(1).nan_to_num(nan=float("-inf")).max(1)
-        slot, v = torch.div(j, offs.shape[0], rounding_mode="floor"), j % offs.shape[0]
-        best = cells[torch.arange(len(cells)), slot] * f + offs[v]
-        return best, val
+        w = torch.tensor(self.fine_weight)
+        step = max(1, self.chunk_voxels // (k * offs.shape[0]))  # queries per block (memory bound)
+        best, score = [], []
+        for s in range(0, len(q_f), step):
+            fine_sim = self._cell_similarities(q_f[s:s + step].float(), chosen[s:s + step], cshape, emb)
+            combined = torch.addcmul((1 - w) * (nb_vals[s:s + step] @ weights.T), fine_sim, w)
+            val, j = combined.flatten(1).nan_to_num(nan=float("-inf")).max(1)  # NaN: beyond the grid
+            slot, v = torch.div(j, offs.shape[0], rounding_mode="floor"), j % offs.shape[0]
+            best.append(cells[s:s + step][torch.arange(len(j)), slot] * f + offs[v])
+            score.append(val)
+        return torch.cat(best), torch.cat(score)
 
     @staticmethod
     def _cell_similarities(q: torch.Tensor, chosen: torch.Tensor, cshape: Sequence[int], emb: Embedding) -> torch.Tensor:
@@ -645,7 +649,7 @@ class Matcher:
         Voxels beyond the grid (partial border cells) get NaN, which stays NaN whatever they are
         combined with.
         """
-        shape, n, f = emb.fine_shape, len(emb.fine_shape), emb.factor
+        n, f = len(emb.fine_shape), emb.factor
         out = torch.full((*chosen.shape, *(f,) * n), float("nan"))
         flat = chosen.reshape(-1)
         order = flat.argsort()

@@ -68,11 +68,16 @@ def exact(net, tmp_path, **kw):
     return Matcher(net, cache_dir=tmp_path, fine_weight=1.0, refine=False, **kw)
 
 
-def test_shifted_copy_is_matched_through_the_fitted_translation(net, volume, tmp_path):
-    t = np.array([13.0, -7.5, 40.25])
+def shifted(volume, t):
+    """The same image placed ``t`` mm further along the world axes."""
     aff = volume.affine.copy()
     aff[:3, 3] += t
-    other = Volume(volume.array, aff, "moved.nii.gz")
+    return Volume(volume.array, aff, "moved.nii.gz")
+
+
+def test_shifted_copy_is_matched_through_the_fitted_translation(net, volume, tmp_path):
+    t = np.array([13.0, -7.5, 40.25])
+    other = shifted(volume, t)
     m = exact(net, tmp_path, consistency="affine")
     tr = m.pair_transform(m.embed(volume), m.embed(other))
     # (an untrained net has a few look-alike voxels: those anchors fail the round trip)
@@ -140,10 +145,7 @@ def test_consistency_settings_are_checked_where_they_are_configured(net):
 
 
 def test_pair_transform_is_cached_on_disk_and_a_corrupt_entry_is_refitted(net, volume, tmp_path, caplog):
-    t = np.array([6.0, -4.0, 10.0])
-    aff = volume.affine.copy()
-    aff[:3, 3] += t
-    other = Volume(volume.array, aff, "moved.nii.gz")
+    other = shifted(volume, np.array([6.0, -4.0, 10.0]))
     first = exact(net, tmp_path, consistency="affine")
     ref = first.pair_transform(first.embed(volume), first.embed(other))
     (entry,) = (tmp_path).rglob("pairs/*.pair")

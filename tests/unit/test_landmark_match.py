@@ -39,10 +39,10 @@ def _points(volume, n=12, seed=1):
 def test_pruned_search_equals_full_search(net, volume, tmp_path):
     pts = _points(volume)
     other = Volume(np.roll(volume.array, 5, axis=0), volume.affine, "b")
-    pruned = Matcher(net, cache_dir=tmp_path, search="pruned")
-    full = Matcher(net, cache_dir=tmp_path, search="full")
+    pruned = Matcher(net, cache_dir=tmp_path, search="pruned", consistency="none")
+    full = Matcher(net, cache_dir=tmp_path, search="full", consistency="none")
     # coarse-to-fine over every cell: the same argmax (fp16 screening, float32 rescoring)
-    coarse = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=10**6)
+    coarse = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=10**6, consistency="none")
     for w in (0.5, 0.8, 1.0):
         pruned.fine_weight = full.fine_weight = coarse.fine_weight = w
         pf, sf = full.match(volume, other, pts)
@@ -54,7 +54,7 @@ def test_pruned_search_equals_full_search(net, volume, tmp_path):
 
 def test_coarse_search_visits_only_the_best_cells(net, volume, tmp_path):
     """With one cell, the match lies in the cell (or its neighbours) with the highest coarse bound."""
-    m = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=1, refine=False)
+    m = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=1, refine=False, consistency="none")
     emb = m.embed(volume)
     pts = _points(volume, n=5)
     found, _ = m.match(volume, volume, pts)
@@ -67,8 +67,9 @@ def test_coarse_search_visits_only_the_best_cells(net, volume, tmp_path):
         assert bound[k][tuple(cells[k])] == bound[k].max()
 
 
-def test_same_image_voxel_centres_match_themselves(net, volume, tmp_path):
-    m = Matcher(net, cache_dir=tmp_path, fine_weight=1.0, refine=False)
+@pytest.mark.parametrize("consistency", ["affine", "none"])
+def test_same_image_voxel_centres_match_themselves(net, volume, tmp_path, consistency):
+    m = Matcher(net, cache_dir=tmp_path, fine_weight=1.0, refine=False, consistency=consistency)
     emb = m.embed(volume)
     ijk = np.array([[3, 4, 5], [10, 2, 7], [20, 15, 3], [6, 6, 6]])
     pts = ijk @ emb.fine_affine[:3, :3].T + emb.fine_affine[:3, 3]
@@ -104,10 +105,11 @@ def test_reoriented_copy_gives_identical_world_matches(net, volume, tmp_path, co
     np.testing.assert_allclose(back, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("consistency", ["affine", "none"])
 @pytest.mark.parametrize("factors", [(2, 2, 2), (1, 1, 3)])
-def test_finer_spacing_copy_gives_identical_world_matches(net, volume, tmp_path, factors):
+def test_finer_spacing_copy_gives_identical_world_matches(net, volume, tmp_path, factors, consistency):
     """B stores A on a finer grid (each voxel repeated); resampled to the model spacing it is A again."""
-    m = Matcher(net, cache_dir=tmp_path)
+    m = Matcher(net, cache_dir=tmp_path, consistency=consistency)
     pts = _points(volume)
     ref, _ = m.match(volume, volume, pts)
     f = np.asarray(factors)
@@ -196,8 +198,8 @@ def test_cell_stencil_reproduces_upsampling_inside_every_cell(cshape, factor):
 def test_batched_coarse_search_equals_one_query_at_a_time(net, volume, tmp_path):
     pts = _points(volume, n=9)
     other = Volume(np.roll(volume.array, 3, axis=1), volume.affine, "b")
-    batched = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8)
-    single = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8, chunk_voxels=1)
+    batched = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8, consistency="none")
+    single = Matcher(net, cache_dir=tmp_path, search="coarse", coarse_cells=8, chunk_voxels=1, consistency="none")
     pb, sb = batched.match(volume, other, pts)
     ps, ss = single.match(volume, other, pts)
     np.testing.assert_allclose(pb, ps, atol=1e-6)
