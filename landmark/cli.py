@@ -1,8 +1,10 @@
 """``alice3d-landmark``: train the landmark matcher, match points, pre-compute embeddings.
 
     alice3d-landmark train --out RUN [--data DATALIST_OR_DIR] [--config FILE] [--resume] [key=value ...]
-    alice3d-landmark match --model RUN/landmark.pt --source A --target B --points "x,y,z;..." [--png F]
+    alice3d-landmark match --model RUN/landmark.pt --source A --target B
+        (--points "x,y,z;..." | --points-file F) [--png F]
     alice3d-landmark embed --model RUN/landmark.pt IMAGE [IMAGE ...]
+    alice3d-landmark cache (--info | --clear) [--cache-dir DIR]
 
 Points are world coordinates in millimetres (RAS+, as in NIfTI/nibabel). ``match``
 prints one JSON line per point: {"query": [x, y, z], "match": [x, y, z], "score": s}.
@@ -50,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     matcher_args(mt)
     mt.add_argument("--source", required=True, type=Path, help="volume A (NIfTI, .mha, .nrrd, DICOM folder)")
     mt.add_argument("--target", required=True, type=Path, help="volume B")
-    mt.add_argument("--points", required=True, help='world points in A (mm): "x,y,z;x,y,z;..."')
+    where = mt.add_mutually_exclusive_group(required=True)
+    where.add_argument("--points", help='world points in A (mm): "x,y,z;x,y,z;..." (a leading minus is fine: '
+                                        '--points "-10,150,120")')
+    where.add_argument("--points-file", type=Path, default=None,
+                       help='file of world points in A (mm): JSON [[x, y, z], ...] or {"points": [...]}, '
+                            'or text with one "x,y,z" per line')
     mt.add_argument("--consistency", choices=["affine", "none"], default=None,
                     help="affine (default): map the points through an affine fitted to round-trip-consistent "
                          "anchor matches of the two volumes (much more accurate, ~2 s extra per volume pair on "
@@ -62,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="compute and cache the embeddings of volumes")
     matcher_args(em)
     em.add_argument("images", nargs="+", type=Path, help="volumes to embed")
+
+    ca = sub.add_parser("cache", help="show or clear the embedding cache",
+                        description="The cache keeps at most $ALICE3D_CACHE_MAX_GB GB (default 20; 0 or 'none': "
+                                    "no cap); the least recently used entries are removed first.")
+    ca.add_argument("--cache-dir", type=Path, default=None,
+                    help="embedding cache (default $ALICE3D_CACHE/embeddings or ~/.cache/alice3d/embeddings)")
+    what = ca.add_mutually_exclusive_group(required=True)
+    what.add_argument("--info", action="store_true", help="directory, entries, total size, cap, oldest and newest")
+    what.add_argument("--clear", action="store_true", help="delete every cache entry (other files are kept)")
+    ca.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -94,11 +111,14 @@ def _matcher(args: argparse.Namespace):
 
 def cmd_match(args: argparse.Namespace) -> int:
     from alice3d.data.io import load_volume
-    from landmark.match import parse_points
+    from landmark.match import check_points_inside, parse_points, read_points_file
 
-    points = parse_points(args.points)
+    points = parse_points(args.points) if args.points is not None else read_points_file(args.points_file)
     matcher = _matcher(args)
-    src, dst = load_volume(args.source), load_volume(args.target)
+    src = load_volume(args.source)
+    # before the target is read and anything embedded: a point outside A is a typo, not a search
+    check_points_inside(src.affine, src.shape, points, str(args.source))
+    dst = load_volume(args.target)
     found, scores = matcher.match(src, dst, points)
     for q, m, s in zip(points, found, scores):
         print(json.dumps({"query": [round(float(v), 3) for v in q], "match": [round(float(v), 3) for v in m],
@@ -111,14 +131,19 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def write_match_png(path: Path, src, dst, points, found, scores) -> Path:
     """Rows of ortho slices: query on A, then its match on B, for each point (at most 8)."""
-    from alice3d.analysis.png import write_png
-    from alice3d.analysis.previews import mosaic, ortho_slices
+    from alice3d.viz.mosaic import mosaic
+    from alice3d.viz.png import write_png
+    from alice3d.viz.slices import ortho_slices
 
-    rows = []
-    for q, m in list(zip(points, found))[:8]:
+    def mm(p) -> str:
+        return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ") mm"
+
+    rows, titles = [], []
+    for n, (q, m, s) in enumerate(list(zip(points, found, scores))[:8], start=1):
         rows.append([ortho_slices(src.array, affine=src.affine, point_world=q, window=(-400.0, 400.0))])
         rows.append([ortho_slices(dst.array, affine=dst.affine, point_world=m, window=(-400.0, 400.0))])
-    return write_png(path, mosaic(rows))
+        titles += [f"A: query {n} at {mm(q)}", f"B: match {n} at {mm(m)}, score {float(s):.3f}"]
+    return write_png(path, mosaic(rows, row_titles=titles))
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -134,12 +159,62 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from landmark.embed_cache import MAX_GB_ENV, cache_info, cache_max_bytes, clear_cache, default_cache_dir
+
+    folder = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    if args.clear:
+        n, freed = clear_cache(folder)
+        print(f"removed {n} cache entries ({_size(freed)}) from {folder}")
+        return 0
+    cap = cache_max_bytes()
+    info = cache_info(folder)
+    stamp = lambda e: f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e[0]))}  {e[2]}"  # noqa: E731
+    print(f"directory: {folder}")
+    print(f"entries: {len(info['entries'])} ({info['embeddings']} embeddings, {info['pairs']} pair maps)")
+    print(f"total: {_size(info['bytes'])} ({info['bytes']} bytes)")
+    print(f"cap: {'none' if cap is None else _size(cap)} (set with {MAX_GB_ENV})")
+    if info["entries"]:
+        print(f"oldest: {stamp(info['entries'][0])}")
+        print(f"newest: {stamp(info['entries'][-1])}")
+    return 0
+
+
+def _attach_points(argv: list[str]) -> list[str]:
+    """``--points -10,150,120`` -> ``--points=-10,150,120``.
+
+    argparse reads a value that starts with '-' (the first coordinate of every patient-left
+    point in RAS) as an option and stops with "expected one argument".
+    """
+    out = []
+    it = iter(argv)
+    for a in it:
+        if a == "--":
+            out += [a, *it]
+            break
+        if a == "--points":
+            value = next(it, None)
+            out.append(a if value is None else f"--points={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from alice3d.cli.common import run_main, setup_logging
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_points(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(getattr(args, "verbose", False))
-    commands = {"train": cmd_train, "match": cmd_match, "embed": cmd_embed}
+    commands = {"train": cmd_train, "match": cmd_match, "embed": cmd_embed, "cache": cmd_cache}
 
     def body() -> int:
         from alice3d.data.io import DataError

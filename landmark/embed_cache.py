@@ -10,12 +10,17 @@ checksums; any mismatch is a :class:`CacheError` that the caller turns into a lo
 recomputation. Files are written to a temporary name and renamed, so concurrent
 processes never see half a file. Arrays can be memory-mapped, so many large fine
 embeddings can be "open" without being resident in RAM.
+
+Size cap: ``ALICE3D_CACHE_MAX_GB`` (default 20; ``0`` or ``none``: no cap). Reading an entry
+sets its modification time to now, so after every write the least recently used entries
+(oldest modification time first) are deleted until the cache fits, never the one just written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -28,6 +33,10 @@ import numpy as np
 MAGIC = b"A3DEMB01"
 ALIGN = 64
 _ALLOWED_DTYPES = {"float16", "float32", "float64", "int16", "int32", "int64", "uint8"}
+# Where the matcher puts entries below the cache dir: embeddings, and the pair affines beside them.
+ENTRY_GLOBS = ("*/*.emb", "*/pairs/*.pair")
+MAX_GB_ENV = "ALICE3D_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 20.0
 
 
 class CacheError(ValueError):
@@ -166,4 +175,126 @@ def read_entry(path: str | os.PathLike, verify: bool = True, mmap: bool = True,
         if verify and _crc(a) != spec.get("crc32"):
             raise CacheError(f"{path}: checksum mismatch in array {name!r} (corrupt file)")
         arrays[name] = a
+    _touch(path)
     return arrays, meta
+
+
+def _touch(path: Path) -> None:
+    # mtime, not atime, is the LRU clock: many file systems are mounted noatime/relatime.
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only shared cache is still usable; it is just not evicted by use
+
+
+# ----------------------------------------------------------------------------- size cap
+
+
+def cache_max_bytes() -> int | None:
+    """Cap from ``$ALICE3D_CACHE_MAX_GB`` (GB = 10**9 bytes; default 20); None = no cap (``0``/``none``)."""
+    raw = os.environ.get(MAX_GB_ENV, "").strip()
+    if not raw:
+        return int(DEFAULT_MAX_GB * 1e9)
+    if raw.lower() == "none":
+        return None
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not math.isfinite(gb) or gb < 0:
+        raise CacheError(f"{MAX_GB_ENV}={raw!r}: expected a size in GB (e.g. 20 or 0.5), 0 or 'none' for no cap")
+    return None if gb == 0 else int(gb * 1e9)
+
+
+def is_entry(path: str | os.PathLike) -> bool:
+    """True for a file that starts like a cache entry (our magic), so foreign files are never deleted."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def list_entries(cache_dir: str | os.PathLike) -> list[tuple[float, int, Path]]:
+    """``(mtime, size in bytes, path)`` of the files at the entry locations, oldest first.
+
+    Files that vanish while listing (another process evicting) are left out.
+    """
+    root = Path(cache_dir)
+    out = []
+    for pattern in ENTRY_GLOBS:
+        for p in root.glob(pattern):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if os.path.isfile(p):
+                out.append((st.st_mtime, st.st_size, p))
+    return sorted(out, key=lambda e: (e[0], str(e[2])))
+
+
+def cache_info(cache_dir: str | os.PathLike) -> dict:
+    """Entries (``list_entries`` rows that are real entries), their count per kind and total bytes."""
+    entries = [e for e in list_entries(cache_dir) if is_entry(e[2])]
+    return {"dir": Path(cache_dir), "entries": entries, "bytes": sum(e[1] for e in entries),
+            "embeddings": sum(e[2].suffix == ".emb" for e in entries),
+            "pairs": sum(e[2].suffix == ".pair" for e in entries)}
+
+
+def evict_lru(cache_dir: str | os.PathLike, max_bytes: int | None,
+              keep: tuple[str | os.PathLike, ...] = ()) -> list[Path]:
+    """Delete least recently used entries until all entries total at most ``max_bytes``.
+
+    ``keep`` (e.g. the entry just written) is never deleted, even when it alone is over the cap.
+    Safe beside other processes: an entry that vanishes meanwhile counts as freed, and one
+    read (touched) since the listing is skipped. Returns the deleted paths.
+    """
+    if max_bytes is None:
+        return []
+    entries = list_entries(cache_dir)
+    total = sum(e[1] for e in entries)
+    kept = {os.path.realpath(k) for k in keep}
+    deleted = []
+    for mtime, size, path in entries:
+        if total <= max_bytes:
+            break
+        if os.path.realpath(path) in kept:
+            continue
+        if not is_entry(path):
+            if path.exists():  # a foreign file: not ours to delete, and not part of the cache's size
+                total -= size
+                continue
+        else:
+            try:
+                if path.stat().st_mtime > mtime:
+                    continue  # used by another process since we listed it
+                path.unlink()
+                deleted.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # e.g. no permission: leave it, try older ones
+        total -= size
+    return deleted
+
+
+def clear_cache(cache_dir: str | os.PathLike) -> tuple[int, int]:
+    """Delete every entry (and the folders left empty) -> ``(entries deleted, bytes freed)``."""
+    info = cache_info(cache_dir)
+    n = freed = 0
+    for _, size, path in info["entries"]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue  # another process evicted it
+        except OSError as e:
+            raise CacheError(f"{path}: cannot delete this cache entry ({e}); {n} entries were deleted") from None
+        n, freed = n + 1, freed + size
+    for folder in sorted({p.parent for _, _, p in info["entries"]} | {p.parent.parent for _, _, p in info["entries"]},
+                         key=lambda d: -len(d.parts)):
+        if folder != Path(cache_dir):
+            try:
+                folder.rmdir()  # only succeeds when empty: other files keep their folder
+            except OSError:
+                pass
+    return n, freed

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from alice3d.config import from_dict
 from landmark.config import CONSISTENCY_MODES, LandmarkConfig, ModelConfig
-from landmark.embed_cache import CacheError, default_cache_dir, hash_arrays, read_entry, write_entry
+from landmark.embed_cache import (CacheError, cache_max_bytes, default_cache_dir, evict_lru, hash_arrays, read_entry,
+                                  write_entry)
 from landmark.model import LandmarkNet, build_model, embed_volume, grid_affine
 
 log = logging.getLogger("alice3d.landmark")
@@ -141,16 +142,20 @@ class Embedding:
 
     def check_inside(self, points_world: np.ndarray, label: str = "") -> None:
         """MatchError listing the points that lie outside the source volume's voxel extent."""
-        ijk = _apply(np.linalg.inv(self.source_affine), points_world)
-        shape = np.asarray(self.source_shape, dtype=np.float64)
-        bad = np.nonzero(((ijk < -0.5) | (ijk > shape - 0.5)).any(axis=1))[0]
-        if len(bad):
-            lo, hi = world_bounds(self.source_affine, self.source_shape)
-            pts = "; ".join(",".join(f"{v:.1f}" for v in points_world[i]) for i in bad[:5])
-            raise MatchError(
-                f"{len(bad)} query point(s) outside volume {label or self.name or 'A'} "
-                f"(world extent {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm): {pts}"
-            )
+        check_points_inside(self.source_affine, self.source_shape, points_world, label or self.name or "A")
+
+
+def check_points_inside(affine: np.ndarray, shape: Sequence[int], points_world: np.ndarray, label: str) -> None:
+    """MatchError naming ``label``, the points ``(N, 3)`` outside the grid's voxel extent and its world box."""
+    ijk = _apply(np.linalg.inv(affine), points_world)
+    bad = np.nonzero(((ijk < -0.5) | (ijk > np.asarray(shape, dtype=np.float64) - 0.5)).any(axis=1))[0]
+    if len(bad):
+        lo, hi = world_bounds(affine, shape)
+        pts = "; ".join(",".join(f"{v:.1f}" for v in points_world[i]) for i in bad[:5])
+        raise MatchError(
+            f"{len(bad)} query point(s) outside volume {label} "
+            f"(world extent {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm): {pts}"
+        )
 
 
 @dataclass
@@ -207,6 +212,14 @@ def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float],
 
     v = resample_to_spacing(reorient_to_ras(volume), tuple(float(s) for s in spacing))
     return window_channels(v.array, hu_window, extra_windows), np.asarray(v.affine, dtype=np.float64)
+
+
+def _as_points(points_world) -> np.ndarray:
+    """Points as ``(N, 3)`` float64; MatchError unless finite world coordinates."""
+    pts = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
+    if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
+        raise MatchError(f"points must be finite (N, 3) world coordinates in mm, got shape {pts.shape}")
+    return pts
 
 
 def _as_volume(item):
@@ -369,6 +382,7 @@ class Matcher:
         self.net = self.net.to(self.device).eval()
         self.use_cache = use_cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_max_bytes = cache_max_bytes() if use_cache else None  # a bad value fails before any work
         self.verify_cache = verify_cache
         self.memory_items = memory_items
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
@@ -409,7 +423,10 @@ class Matcher:
             self.stats["computed"] += 1
             if self.use_cache:
                 self._write(path, emb)
-                emb = self._read(path, key, name, verify=False)  # memory-mapped, not resident
+                try:
+                    emb = self._read(path, key, name, verify=False)  # memory-mapped, not resident
+                except CacheError as e:  # not written, or evicted at once by another process
+                    log.debug("keeping the embedding in memory: %s", e)
         self._memory[key] = emb
         while len(self._memory) > self.memory_items:
             self._memory.popitem(last=False)
@@ -444,6 +461,19 @@ class Matcher:
                                "coarse": emb.coarse.numpy()}, meta)
         except OSError as e:
             log.warning("could not write embedding cache %s (%s); continuing without it", path, e)
+            return
+        self._evict(path)
+
+    def _evict(self, written: Path) -> None:
+        """Keep the cache under its cap (least recently used entries go first, never ``written``)."""
+        try:
+            gone = evict_lru(self.cache_dir, self.cache_max_bytes, keep=(written,))
+        except OSError as e:
+            log.warning("could not trim the embedding cache %s (%s)", self.cache_dir, e)
+            return
+        if gone:
+            log.info("embedding cache over its cap of %.1f GB: removed %d least recently used entries",
+                     self.cache_max_bytes / 1e9, len(gone))
 
     def _read(self, path: Path, key: str, name: str, verify: bool | None = None) -> Embedding:
         arrays, meta = read_entry(path, verify=self.verify_cache if verify is None else verify,
@@ -468,13 +498,16 @@ class Matcher:
 
     def match(self, source, target, points_world) -> tuple[np.ndarray, np.ndarray]:
         """``points_world (N, 3)`` in A -> ``(points in B (N, 3) world mm, scores (N,))``."""
+        if not isinstance(source, Embedding):
+            source = _as_volume(source)
+            # from the geometry alone: a point outside A should not cost two embeddings and a pair fit
+            pts = _as_points(points_world)
+            check_points_inside(source.affine, source.shape, pts, source.path or "A")
         return self.match_embeddings(self.embed(source), self.embed(target), points_world)
 
     def query(self, emb_a: Embedding, points_world, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine and coarse query vectors ``(N, D)`` at world points of A (interpolated, unit length)."""
-        pts = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
-        if pts.ndim != 2 or pts.shape[1] != 3 or not np.all(np.isfinite(pts)):
-            raise MatchError(f"points must be finite (N, 3) world coordinates in mm, got shape {pts.shape}")
+        pts = _as_points(points_world)
         if check:
             emb_a.check_inside(pts)
         fi = torch.from_numpy(_apply(np.linalg.inv(emb_a.fine_affine), pts))
@@ -582,6 +615,8 @@ class Matcher:
             write_entry(self._pair_path(key), {"matrix": np.asarray(matrix, dtype=np.float64)}, meta)
         except OSError as e:
             log.warning("could not write pair cache %s (%s); continuing without it", self._pair_path(key), e)
+            return
+        self._evict(self._pair_path(key))
 
     def _match_mapped(self, emb_a: Embedding, emb_b: Embedding, points_world,
                       transform: PairTransform) -> tuple[np.ndarray, np.ndarray]:
@@ -779,3 +814,59 @@ def parse_points(text: str) -> np.ndarray:
     if not pts:
         raise MatchError("--points: no points given (expected 'x,y,z;x,y,z;...' in world mm)")
     return np.asarray(pts, dtype=np.float64)
+
+
+def read_points_file(path: str | os.PathLike) -> np.ndarray:
+    """Points from a file -> ``(N, 3)`` world mm; MatchError naming the file and what was expected.
+
+    JSON: ``[[x, y, z], ...]`` or ``{"points": [[x, y, z], ...]}``; otherwise text with one
+    ``x,y,z`` (or ``x y z``) per line, blank lines and ``#`` comments ignored.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MatchError(f"--points-file {path}: cannot read it ({e})") from None
+    rows = _json_points(path, text) if text.lstrip()[:1] in ("[", "{") else _text_points(path, text)
+    if not rows:
+        raise MatchError(f"--points-file {path}: no points in it (expected JSON [[x, y, z], ...] or one "
+                         "'x,y,z' per line, world mm)")
+    pts = np.asarray(rows, dtype=np.float64)
+    if not np.all(np.isfinite(pts)):
+        raise MatchError(f"--points-file {path}: coordinates must be finite numbers (world mm)")
+    return pts
+
+
+def _json_points(path: Path, text: str) -> list:
+    expected = 'expected a JSON list of [x, y, z] lists (world mm) or {"points": [...]}'
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MatchError(f"--points-file {path}: not valid JSON ({e}); {expected}") from None
+    if isinstance(data, dict):
+        if "points" not in data:
+            raise MatchError(f"--points-file {path}: no 'points' key (keys: {sorted(data)}); {expected}")
+        data = data["points"]
+    if not isinstance(data, list):
+        raise MatchError(f"--points-file {path}: got a JSON {type(data).__name__}; {expected}")
+    for i, p in enumerate(data):
+        if not (isinstance(p, list) and len(p) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            raise MatchError(f"--points-file {path}: point {i} is {json.dumps(p)}; {expected}")
+    return data
+
+
+def _text_points(path: Path, text: str) -> list:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            xyz = [float(v) for v in line.replace(",", " ").split()]
+        except ValueError:
+            xyz = []
+        if len(xyz) != 3:
+            raise MatchError(f"--points-file {path} line {n}: expected 'x,y,z' in world mm, could not read {line!r}")
+        rows.append(xyz)
+    return rows

@@ -82,7 +82,7 @@ def test_match_prints_json_lines_and_png(run, cohort, tmp_path, capsys):
     ijk = vb.world_to_voxel(np.array([o["match"] for o in out]))
     assert ((ijk > -0.5) & (ijk < np.asarray(vb.shape) - 0.5)).all()  # matches lie inside B
     assert all(-1.0 <= o["score"] <= 1.0 for o in out)
-    from alice3d.analysis.png import read_png
+    from alice3d.viz.png import read_png
 
     img = read_png(png)
     assert img.ndim == 3 and img.shape[0] > 50
@@ -138,3 +138,108 @@ def test_embed_command_caches(run, cohort, tmp_path, capsys):
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "landmark.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "train" in res.stdout and "match" in res.stdout
+
+
+def _bounds(path):
+    from alice3d.data.io import load_volume
+    from landmark.match import world_bounds
+
+    v = load_volume(path)
+    return world_bounds(v.affine, v.shape)
+
+
+def test_match_takes_negative_points_inline_and_from_files(run, cohort, tmp_path, capsys):
+    a, b = cohort / "imagesTr" / "img0001.nii.gz", cohort / "imagesTr" / "img0002.nii.gz"
+    lo, _ = _bounds(a)
+    c = _centre(a)
+    assert lo[0] < -20  # the phantom spans patient-left (negative x in RAS)
+    pts = [[round(lo[0] / 2, 2), round(c[1], 2), round(c[2], 2)], [round(lo[0] / 3, 2), round(c[1] - 8, 2), round(c[2] - 8, 2)]]
+    (tmp_path / "p.json").write_text(json.dumps({"points": pts}))
+    (tmp_path / "p.txt").write_text("# x,y,z in mm\n" + "\n".join(",".join(str(v) for v in p) for p in pts) + "\n")
+    common = ["match", "--model", str(run / "landmark.pt"), "--source", str(a), "--target", str(b),
+              "--cache-dir", str(tmp_path / "cache")]
+    outputs = []
+    for where in (["--points", ";".join(",".join(str(v) for v in p) for p in pts)],
+                  ["--points-file", str(tmp_path / "p.json")], ["--points-file", str(tmp_path / "p.txt")]):
+        capsys.readouterr()
+        assert _main([*common, *where]) == 0
+        outputs.append([json.loads(l) for l in capsys.readouterr().out.strip().splitlines()])
+    assert [o["query"] for o in outputs[0]] == pts
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+def test_points_outside_source_fail_before_any_embedding(run, cohort, tmp_path, capsys, monkeypatch):
+    import landmark.match
+
+    def no_embedding(*a, **k):
+        raise AssertionError("embedded a volume although the query point lies outside the source")
+
+    monkeypatch.setattr(landmark.match, "embed_volume", no_embedding)
+    a, b = cohort / "imagesTr" / "img0001.nii.gz", cohort / "imagesTr" / "img0002.nii.gz"
+    lo, hi = _bounds(a)
+    cache = tmp_path / "cache"
+    code = _main(["match", "--model", str(run / "landmark.pt"), "--source", str(a), "--target", str(b),
+                  "--points", "-9999,0,0", "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: 1 query point(s) outside volume " + str(a))
+    assert f"world extent {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm" in err
+    assert err.strip().endswith("-9999.0,0.0,0.0") and "Traceback" not in err
+    assert not cache.exists()
+
+
+def test_bad_points_file_is_one_clear_line(run, cohort, tmp_path, capsys):
+    a = cohort / "imagesTr" / "img0001.nii.gz"
+    bad = tmp_path / "p.txt"
+    bad.write_text("-10,150\n")
+    code = _main(["match", "--model", str(run / "landmark.pt"), "--source", str(a), "--target", str(a),
+                  "--points-file", str(bad), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"error: --points-file {bad} line 1: expected 'x,y,z' in world mm, could not read '-10,150'\n"
+
+
+def _cache_entries(root):
+    import os
+
+    from landmark.embed_cache import write_entry
+
+    made = []
+    for name, mtime in (("m1/aaaa.emb", 1_600_000_000), ("m1/pairs/pppp.pair", 1_600_000_100),
+                        ("m2/bbbb.emb", 1_700_000_000)):
+        path = write_entry(root / name, {"a": np.zeros(256, np.float32)}, {})
+        os.utime(path, (mtime, mtime))
+        made.append(path)
+    (root / "keep.txt").write_text("not a cache entry")
+    return made
+
+
+def test_cache_info_reports_entries_size_cap_and_ages(tmp_path, capsys, monkeypatch):
+    import time
+
+    made = _cache_entries(tmp_path)
+    total = sum(p.stat().st_size for p in made)
+    monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", "5")
+    capsys.readouterr()
+    assert _main(["cache", "--info", "--cache-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))  # noqa: E731
+    assert lines == [f"directory: {tmp_path}", "entries: 3 (2 embeddings, 1 pair maps)",
+                     f"total: {total / 1e3:.2f} kB ({total} bytes)", "cap: 5.00 GB (set with ALICE3D_CACHE_MAX_GB)",
+                     f"oldest: {stamp(1_600_000_000)}  {made[0]}", f"newest: {stamp(1_700_000_000)}  {made[2]}"]
+    monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", "none")
+    assert _main(["cache", "--info", "--cache-dir", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["entries: 0 (0 embeddings, 0 pair maps)", "total: 0 bytes (0 bytes)",
+                                                        "cap: none (set with ALICE3D_CACHE_MAX_GB)"]
+    monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", "lots")
+    assert _main(["cache", "--info", "--cache-dir", str(tmp_path)]) == 2
+    assert "error: ALICE3D_CACHE_MAX_GB='lots': expected a size in GB" in capsys.readouterr().err
+
+
+def test_cache_clear_removes_only_entries(tmp_path, capsys):
+    made = _cache_entries(tmp_path)
+    total = sum(p.stat().st_size for p in made)
+    capsys.readouterr()
+    assert _main(["cache", "--clear", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"removed 3 cache entries ({total / 1e3:.2f} kB) from {tmp_path}\n"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.txt"]
+    assert _main(["cache", "--cache-dir", str(tmp_path)]) == 2  # --info or --clear is required

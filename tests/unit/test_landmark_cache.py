@@ -1,4 +1,4 @@
-"""Embedding cache: pickle-free file format, corruption detection, reuse and invalidation."""
+"""Embedding cache: pickle-free file format, corruption detection, reuse, invalidation, size cap."""
 
 import logging
 
@@ -9,7 +9,11 @@ from scipy import ndimage
 
 from alice3d.data.io import Volume
 from landmark.config import ModelConfig
-from landmark.embed_cache import CacheError, MAGIC, default_cache_dir, read_entry, read_header, write_entry
+import os
+
+from landmark import embed_cache
+from landmark.embed_cache import (CacheError, MAGIC, cache_max_bytes, clear_cache, default_cache_dir, evict_lru,
+                                  read_entry, read_header, write_entry)
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
 
@@ -134,3 +138,119 @@ def test_use_cache_false_writes_nothing(tmp_path):
     m = Matcher(_net(), cache_dir=tmp_path, use_cache=False)
     m.embed(_volume())
     assert not list(tmp_path.rglob("*.emb"))
+
+
+# ----------------------------------------------------------------------------- size cap (LRU)
+
+
+def _entries(root, ages):
+    """One 4 kB entry per ``name -> mtime`` (embeddings and pair maps, two model folders)."""
+    paths = {}
+    for name, mtime in ages.items():
+        path = write_entry(root / name, {"a": np.zeros(1024, np.float32)}, {"k": name[-8:]})
+        os.utime(path, (mtime, mtime))
+        paths[name] = path
+    return paths
+
+
+AGES = {"m1/aaaa.emb": 100, "m1/pairs/pppp.pair": 200, "m2/bbbb.emb": 300, "m1/cccc.emb": 400}
+
+
+def _left(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_eviction_removes_least_recently_used_first(tmp_path):
+    paths = _entries(tmp_path, AGES)
+    size = paths["m1/aaaa.emb"].stat().st_size
+    assert {p.stat().st_size for p in paths.values()} == {size}  # same arrays, same-length meta
+    # 4 entries, room for 2.5: the two oldest go (the pair map counts and goes like an embedding)
+    gone = evict_lru(tmp_path, int(2.5 * size))
+    assert gone == [paths["m1/aaaa.emb"], paths["m1/pairs/pppp.pair"]]
+    assert _left(tmp_path) == ["m1/cccc.emb", "m2/bbbb.emb"]
+    assert evict_lru(tmp_path, 2 * size) == []  # at the cap: nothing to do
+    assert evict_lru(tmp_path, None) == []  # no cap
+
+
+def test_eviction_never_removes_the_entry_just_written(tmp_path):
+    paths = _entries(tmp_path, AGES)
+    size = paths["m1/aaaa.emb"].stat().st_size
+    gone = evict_lru(tmp_path, 2 * size, keep=(paths["m1/aaaa.emb"],))
+    assert gone == [paths["m1/pairs/pppp.pair"], paths["m2/bbbb.emb"]]
+    # a cap below one entry still keeps the written one
+    assert evict_lru(tmp_path, 1, keep=(paths["m1/aaaa.emb"],)) == [paths["m1/cccc.emb"]]
+    assert _left(tmp_path) == ["m1/aaaa.emb"]
+
+
+def test_reading_an_entry_makes_it_most_recently_used(tmp_path):
+    paths = _entries(tmp_path, AGES)
+    size = paths["m1/aaaa.emb"].stat().st_size
+    read_entry(paths["m1/aaaa.emb"])  # the oldest, now used
+    assert paths["m1/aaaa.emb"].stat().st_mtime > 400
+    evict_lru(tmp_path, size)
+    assert _left(tmp_path) == ["m1/aaaa.emb"]
+
+
+def test_eviction_skips_foreign_files_and_tolerates_vanishing_entries(tmp_path, monkeypatch):
+    paths = _entries(tmp_path, AGES)
+    size = paths["m1/aaaa.emb"].stat().st_size
+    foreign = tmp_path / "m1" / "notes.emb"  # matches the layout, but is not one of ours
+    foreign.write_bytes(b"x" * size)
+    os.utime(foreign, (50, 50))
+    listed = embed_cache.list_entries
+
+    def racing(root):  # another process evicts the second-oldest entry right after our listing
+        out = listed(root)
+        paths["m1/pairs/pppp.pair"].unlink()
+        return out
+
+    monkeypatch.setattr(embed_cache, "list_entries", racing)
+    gone = evict_lru(tmp_path, 2 * size)
+    # foreign file kept and not counted; the vanished entry counts as freed: only the oldest is deleted
+    assert gone == [paths["m1/aaaa.emb"]]
+    assert _left(tmp_path) == ["m1/cccc.emb", "m1/notes.emb", "m2/bbbb.emb"]
+
+
+def test_clear_removes_only_entries(tmp_path):
+    paths = _entries(tmp_path, AGES)
+    keep = [tmp_path / "README.txt", tmp_path / "m1" / "fake.emb", tmp_path / "m1" / "x" / "deep.emb"]
+    for k in keep:
+        k.parent.mkdir(parents=True, exist_ok=True)
+        k.write_bytes(MAGIC + b"not in an entry location" if k.name == "deep.emb" else b"user file")
+    entry_bytes = sum(p.stat().st_size for p in paths.values())
+    assert clear_cache(tmp_path) == (4, entry_bytes)
+    assert _left(tmp_path) == ["README.txt", "m1/fake.emb", "m1/x/deep.emb"]
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m1" / "pairs").exists()  # emptied folders go
+    assert clear_cache(tmp_path / "missing") == (0, 0)
+
+
+@pytest.mark.parametrize("value,want", [(None, 20 * 10**9), ("", 20 * 10**9), ("0", None), ("none", None),
+                                        ("None", None), ("1.5", 1_500_000_000), ("1e-6", 1000)])
+def test_cap_from_environment(monkeypatch, value, want):
+    if value is None:
+        monkeypatch.delenv("ALICE3D_CACHE_MAX_GB", raising=False)
+    else:
+        monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", value)
+    assert cache_max_bytes() == want
+
+
+@pytest.mark.parametrize("value", ["20GB", "-1", "nan", "inf"])
+def test_bad_cap_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", value)
+    with pytest.raises(CacheError, match="ALICE3D_CACHE_MAX_GB.*expected a size in GB"):
+        cache_max_bytes()
+
+
+def test_matcher_keeps_the_cache_under_the_cap(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", "1e-7")  # 100 bytes: less than one entry
+    net, a, b = _net(), _volume(0), _volume(1)
+    m = Matcher(net, cache_dir=tmp_path)
+    ea = m.embed(a)
+    eb = m.embed(b)
+    assert [p.name for p in tmp_path.rglob("*.emb")] == [m.cache_path(m.image_key(b)).name]
+    # the evicted entry was memory-mapped: on POSIX the mapping outlives the file
+    assert torch.isfinite(ea.fine.float()).all() and eb.fine.shape == ea.fine.shape
+    m2 = Matcher(net, cache_dir=tmp_path)
+    m2.embed(a)  # evicted: computed again, and now b's entry is the one evicted
+    assert m2.stats["computed"] == 1 and m2.stats["disk_hits"] == 0
+    assert [p.name for p in tmp_path.rglob("*.emb")] == [m.cache_path(m.image_key(a)).name]
