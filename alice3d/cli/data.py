@@ -2,7 +2,7 @@
 
     alice3d-data phantoms --out DIR [--n N] [--seed S] [--size small|btcv|tiny] [--preview]
     alice3d-data preview  --image IMG [--label LBL] --out PNG [--point x,y,z] [--window lo,hi]
-    alice3d-data validate DATALIST_OR_DIR [--key training] [--full] [--labels 0-13]
+    alice3d-data validate DATALIST_OR_DIR [--key training] [--full] [--labels 0-13] [--modality CT|MR] [--json F]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _label_set(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..data.inspect import SAMPLE_SLICES
     from ..data.phantom_render import SIZES
 
     p = argparse.ArgumentParser(prog="alice3d-data", description="Synthetic CT phantoms, previews and data checks.")
@@ -68,12 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="intensity window lo,hi (default -175,250 HU)")
     pv.add_argument("--size", type=int, default=320, help="longest panel side in pixels")
 
-    va = sub.add_parser("validate", help="check every case of a datalist or image folder; exit 1 if any is bad")
+    va = sub.add_parser("validate", help="check every case of a datalist or image folder; exit 1 if any is bad",
+                        description="Check every case and print what was read: shape, spacing, orientation, "
+                                    "intensity range and median, and the modality the image looks like; warn when "
+                                    "an image looks like a label map or like MR where CT is expected. Exit 0: all "
+                                    "usable (warnings allowed), 1: bad cases (all listed), 2: the datalist itself "
+                                    "cannot be read.")
     va.add_argument("data", type=Path, help="datalist JSON (Decathlon/BTCV) or folder of images")
     va.add_argument("--key", action="append", default=None, help="datalist split(s) to check (default: training, validation)")
-    va.add_argument("--full", action="store_true", help="read all voxels (NaN/inf, constant images, label values)")
+    va.add_argument("--full", action="store_true",
+                    help="read all voxels (NaN/inf, constant images, label values) and compute the intensity "
+                         "statistics from every voxel; without it only headers are checked and the statistics "
+                         f"come from a subsample ({SAMPLE_SLICES} evenly spaced slices; .mha/.nrrd are read whole)")
     va.add_argument("--labels", type=_label_set, default=None,
                     help="allowed label ids, e.g. 0-13 (default: the datalist's 'labels' header, if any)")
+    va.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
+                    help="modality the images should be (default: the datalist's 'modality' header, else CT)")
+    va.add_argument("--json", type=Path, default=None, metavar="FILE",
+                    help="also write every case (its statistics, warnings, or the reasons it is bad) to FILE as JSON")
     return p
 
 
@@ -89,7 +102,7 @@ def _cmd_phantoms(args) -> int:
 
 
 def _cmd_preview(args) -> int:
-    from ..analysis.previews import save_preview
+    from ..viz.slices import save_preview
     from ..data.io import DataError, load_volume
 
     try:
@@ -102,44 +115,84 @@ def _cmd_preview(args) -> int:
     return 0
 
 
-def _header_labels(path: Path) -> list[int] | None:
+def _datalist_header(path: Path) -> dict:
+    """The datalist JSON's top-level object ({} for a plain folder or an unreadable file)."""
     f = path
     if path.is_dir():
         f = next((path / n for n in ("dataset_0.json", "dataset.json") if (path / n).is_file()), None)
     if f is None or f.suffix != ".json":
-        return None
+        return {}
     try:
-        labels = json.loads(f.read_text()).get("labels")
-        return sorted(int(k) for k in labels) if isinstance(labels, dict) else None
+        doc = json.loads(f.read_text())
     except (ValueError, OSError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _header_labels(path: Path) -> list[int] | None:
+    labels = _datalist_header(path).get("labels")
+    try:
+        return sorted(int(k) for k in labels) if isinstance(labels, dict) else None
+    except ValueError:
         return None
+
+
+def _header_modality(path: Path) -> str:
+    """MR when the Decathlon 'modality' header's first channel is an MR contrast ({"0": "T2"}), else CT."""
+    modality = _datalist_header(path).get("modality")
+    name = str(modality.get("0", "CT")).upper() if isinstance(modality, dict) else "CT"
+    return "MR" if name.startswith(("MR", "T1", "T2", "FLAIR", "ADC", "DWI")) else "CT"
+
+
+def _print_reports(key: str, reports) -> None:
+    """ok lines (with what was read), then warnings, then bad cases: the problems end up last."""
+    for r in reports:
+        if r.ok:
+            print(f"ok   {key}: {Path(r.image).name}: {r.stats.summary() if r.stats else ''}")
+    for r in reports:
+        for w in r.warnings:
+            print(f"WARN {key}: {w}")
+    for r in reports:
+        if not r.ok:
+            print(f"BAD  {key}: {Path(r.image).name}: {'; '.join(r.problems)}")
 
 
 def _cmd_validate(args) -> int:
     from ..data.datalists import load_datalist
+    from ..data.inspect import SAMPLE_SLICES
     from ..data.io import DataError
-    from ..data.validate import validate_datalist
+    from ..data.validate import inspect_datalist
 
     keys = args.key or ["training", "validation"]
     labels = args.labels if args.labels is not None else _header_labels(args.data)
-    n_good = n_bad = 0
+    modality = args.modality or _header_modality(args.data)
+    cases = []
     for key in keys:
         try:
-            entries = load_datalist(args.data, key=key)
+            # a listed file that is missing is one more bad case, not the end of the check
+            entries = load_datalist(args.data, key=key, check_exists=False)
         except DataError as e:
             if args.key is None and key != "training" and "no 'validation' list" in str(e):
                 continue
             print(f"error: {e}", file=sys.stderr)
             return 2
-        good, bad = validate_datalist(entries, label_values=labels, full=args.full)
-        for e in good:
-            print(f"ok   {key}: {Path(e['image']).name}")
-        for path, reason in bad:
-            print(f"BAD  {key}: {Path(path).name}: {reason}")
-        n_good += len(good)
-        n_bad += len(bad)
-    print(f"{n_good} good, {n_bad} bad ({'full read' if args.full else 'header checks'}"
+        reports = inspect_datalist(entries, label_values=labels, full=args.full, describe=True,
+                                   expect_modality=modality)
+        _print_reports(key, reports)
+        cases += [{"split": key, **r.to_dict()} for r in reports]
+    n_bad = sum(c["status"] == "bad" for c in cases)
+    n_warn = sum(len(c["warnings"]) for c in cases)
+    stats = "all voxels" if args.full else f"a subsample of {SAMPLE_SLICES} slices"
+    print(f"{len(cases) - n_bad} good, {n_bad} bad, {n_warn} warning(s) "
+          f"({'full read' if args.full else 'header checks'}, intensities from {stats}, expected {modality}"
           f"{', labels ' + str(labels[0]) + '..' + str(labels[-1]) if labels else ''})")
+    if args.json is not None:
+        doc = {"data": str(args.data), "read": "full" if args.full else "header", "intensity_stats_from": stats,
+               "expected_modality": modality, "labels": labels, "good": len(cases) - n_bad, "bad": n_bad,
+               "warnings": n_warn, "cases": cases}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        print(f"wrote {args.json}")
     return 1 if n_bad else 0
 
 

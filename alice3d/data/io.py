@@ -3,6 +3,8 @@
 A `Volume` carries its array in (X, Y, Z) index order and the voxel->world affine in RAS+
 millimetres (nibabel's convention): world x grows towards the patient's Right, y towards
 Anterior, z towards Superior. SimpleITK/DICOM geometry (LPS+) is converted on the way in.
+DICOM folders are stacked only after `alice3d.data.dicom.read_series` has checked the
+slice headers (one series, one orientation, evenly spaced slices).
 
 Every loader failure is a `DataError` that names the file and says what was expected.
 """
@@ -115,6 +117,18 @@ def itk_to_ras_affine(origin, spacing, direction) -> np.ndarray:
     return LPS_TO_RAS @ aff
 
 
+def itk_geometry(obj) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin (3,), spacing (3,), direction (3, 3)) in LPS of a SimpleITK image or reader that has read
+    the image information; a 2-D image gets unit spacing and identity direction along the missing axis."""
+    nd = obj.GetDimension()
+    k = min(nd, 3)
+    origin, spacing, direction = np.zeros(3), np.ones(3), np.eye(3)
+    origin[:k] = obj.GetOrigin()[:k]
+    spacing[:k] = obj.GetSpacing()[:k]
+    direction[:k, :k] = np.asarray(obj.GetDirection()).reshape(nd, nd)[:k, :k]
+    return origin, spacing, direction
+
+
 def ras_affine_to_itk(affine: np.ndarray):
     """(4, 4) RAS affine -> (origin, spacing, direction) in SimpleITK's LPS convention."""
     lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
@@ -123,7 +137,28 @@ def ras_affine_to_itk(affine: np.ndarray):
     return tuple(lps[:3, 3]), tuple(spacing), tuple(direction.ravel())
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI_MAGICS = ((344, b"n+1\x00"), (4, b"n+2\x00"))  # (byte offset, magic) of single-file NIfTI-1 and NIfTI-2
+
+
+def _compression_mismatch(path: str) -> str | None:
+    """What is wrong when a NIfTI file's name and its gzip compression disagree (a renamed file), else None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+    except OSError:
+        return None
+    gz_name, gz_data = path.lower().endswith(".gz"), head[:2] == GZIP_MAGIC
+    if gz_name and not gz_data and any(head[o:o + len(m)] == m for o, m in NIFTI_MAGICS):
+        return "this NIfTI file is not gzip-compressed; rename it to .nii"
+    if gz_data and not gz_name:
+        return "this file is gzip-compressed; rename it to .nii.gz"
+    return None
+
+
 def _nifti_image(path: str):
+    if (mismatch := _compression_mismatch(path)) is not None:
+        raise DataError(f"{path}: {mismatch}")
     try:
         return nib.load(path)
     except FileNotFoundError:
@@ -154,16 +189,14 @@ def _nifti_data(img, path: str) -> np.ndarray:
 
 
 def _sitk_reader(path: str):
+    """A SimpleITK reader for a file, or for a DICOM folder whose series passed `dicom.read_series`'s checks."""
     import SimpleITK as sitk
 
     if Path(path).is_dir():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(path) or []
-        if not ids:
-            raise DataError(f"{path}: directory holds no DICOM series")
-        series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, i) for i in ids]
-        files = max(series, key=len)  # the largest series when several share a folder
+        from .dicom import read_series
+
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
+        reader.SetFileNames(list(read_series(path).files))
         return reader
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
@@ -173,8 +206,12 @@ def _sitk_reader(path: str):
 def _load_sitk(path: str, expect_ndim: int) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
+    from .dicom import quiet_itk
+
     try:
-        img = _sitk_reader(path).Execute()
+        reader = _sitk_reader(path)
+        with quiet_itk():  # problems ITK would only print are checked (DICOM series) or raised as errors
+            img = reader.Execute()
     except DataError:
         raise
     except RuntimeError as e:
@@ -186,12 +223,7 @@ def _load_sitk(path: str, expect_ndim: int) -> tuple[np.ndarray, np.ndarray]:
     arr = arr.transpose(tuple(range(arr.ndim))[::-1])  # -> (X, Y, Z), a free view
     if arr.ndim < expect_ndim:
         raise DataError(f"{path}: expected a {expect_ndim}-D image, got shape {tuple(arr.shape)} ({arr.ndim}-D)")
-    nd = img.GetDimension()
-    k = min(nd, 3)
-    origin, spacing, direction = np.zeros(3), np.ones(3), np.eye(3)
-    origin[:k] = img.GetOrigin()[:k]
-    spacing[:k] = img.GetSpacing()[:k]
-    direction[:k, :k] = np.asarray(img.GetDirection()).reshape(nd, nd)[:k, :k]
+    origin, spacing, direction = itk_geometry(img)
     aff = itk_to_ras_affine(origin, spacing, direction.ravel())
     arr = _squeeze_trailing(arr, path, expect_ndim)
     return arr, aff

@@ -3,7 +3,8 @@
 Each volume is read once, checked, turned to RAS, resampled to the run's spacing and
 its intensities windowed to [0, 1]; the loader then only hands out cached volumes and
 sampled points, never re-reads files. Bad cases are reported up front (``on_bad_data``:
-``skip`` quarantines them and lists them, ``fail`` stops before training starts).
+``skip`` quarantines them and lists them, ``fail`` stops before training starts); a DICOM
+folder with a missing slice or several series is one of them (`alice3d.data.dicom`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from alice3d.data.inspect import log_modality_warnings
 from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ def normalize_hu(array: np.ndarray, window: Sequence[float]) -> np.ndarray:
 
 def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[float],
                    min_shape: Sequence[int] | None = None) -> Volume:
-    """Load, check, RAS, resample, window. Raises DataError naming the file."""
+    """Load, check, RAS, resample, window. Raises DataError naming the file; an image that looks
+    like a label map or MR (not CT) is logged as a warning and used."""
     vol = load_volume(path, reject_constant=True)
+    log_modality_warnings(vol, "CT", log)
     vol = resample_to_spacing(reorient_to_ras(vol), spacing, exact=True)
     if min_shape is not None and any(s < m for s, m in zip(vol.shape, min_shape)):
         raise DataError(

@@ -83,6 +83,41 @@ def missing(d, cohort):
     return d / "bad_missing.nii.gz", None, r"file not found"
 
 
+def not_gzipped(d, cohort):
+    plain = gzip.decompress(_source(cohort)[0].read_bytes())  # a plain .nii renamed to .nii.gz
+    (d / "bad_plain.nii.gz").write_bytes(plain)
+    return d / "bad_plain.nii.gz", None, r"is not gzip-compressed; rename it to \.nii"
+
+
+def dicom_gap(d, cohort):
+    """The first phantom as a DICOM series (8 mm slices) with its 10th slice missing."""
+    import locale
+
+    import SimpleITK as sitk
+
+    arr = np.asarray(nib.load(str(_source(cohort)[0])).dataobj).astype(np.int16)  # (X, Y, Z)
+    folder = d / "bad_dicom_gap"
+    folder.mkdir()
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer switches the process locale to "C"
+    try:
+        for k in [k for k in range(arr.shape[2]) if k != 9]:
+            sl = sitk.GetImageFromArray(np.ascontiguousarray(arr[:, :, k].T))
+            sl.SetSpacing((8.0, 8.0))
+            uid = "1.2.826.0.1.3680043.2.1125.9.1"
+            for tag, val in {"0008|0060": "CT", "0020|000e": uid, "0020|000d": uid + ".0",
+                             "0020|0013": str(k + 1), "0008|0018": f"{uid}.{k + 1}",
+                             "0020|0032": f"0\\0\\{8 * k}", "0020|0037": "1\\0\\0\\0\\1\\0"}.items():
+                sl.SetMetaData(tag, val)
+            w = sitk.ImageFileWriter()
+            w.KeepOriginalImageUIDOn()
+            w.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+            w.Execute(sl)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+    return folder, None, r"not evenly spaced: expected 8 mm between slices.*gap of 16 mm between slice positions 64 " \
+                         r"and 80 mm \(slice008.dcm and slice010.dcm"
+
+
 def smaller_than_crop(d, cohort):
     arr, aff = _float_image(cohort)
     return _nifti(d / "bad_small.nii.gz", arr[:8, :8, :8], aff), None, r"smaller than the crop"
@@ -119,11 +154,11 @@ def label_values(d, cohort):
 
 
 IMAGE_CASES: dict[str, Callable] = {f.__name__: f for f in (
-    truncated, corrupt, text_file, image_2d, image_4d, nan_voxels, inf_voxels, constant, missing)}
+    truncated, corrupt, text_file, image_2d, image_4d, nan_voxels, inf_voxels, constant, missing, not_gzipped)}
 LABEL_CASES: dict[str, Callable] = {f.__name__: f for f in (label_shape, label_affine, label_values)}
 CASES = {
     # Fine-tuning pads volumes smaller than its ROI (the BTCV recipe), so that case is the trainers' only.
-    "pretrain": {**IMAGE_CASES, "smaller_than_crop": smaller_than_crop},
+    "pretrain": {**IMAGE_CASES, "smaller_than_crop": smaller_than_crop, "dicom_gap": dicom_gap},
     "landmark": {**IMAGE_CASES, "smaller_than_crop": smaller_than_crop},
     "finetune": {**IMAGE_CASES, **LABEL_CASES},
 }

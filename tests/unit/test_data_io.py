@@ -235,3 +235,25 @@ def test_resample_exact_spacing_is_exact_and_keeps_world_positions():
     c_old = Volume(arr, aff).voxel_to_world((np.array(arr.shape)[None] - 1) / 2)
     c_new = r.voxel_to_world((np.array(r.shape)[None] - 1) / 2)
     assert np.allclose(c_old, c_new, atol=1e-9)
+
+
+def test_nifti_whose_name_and_compression_disagree(tmp_path):
+    arr = _vol((6, 5, 4))
+    save_nifti(arr, _affine(), tmp_path / "plain.nii")
+    renamed = tmp_path / "renamed.nii.gz"
+    renamed.write_bytes((tmp_path / "plain.nii").read_bytes())  # a plain NIfTI with a .gz name
+    expected = f"{renamed}: this NIfTI file is not gzip-compressed; rename it to .nii"
+    with pytest.raises(DataError) as e:
+        load_volume(renamed)
+    assert str(e.value) == expected
+    assert validate.validate_case(renamed, full=False) == [expected]
+    assert validate.validate_case(renamed) == [expected]
+    zipped = tmp_path / "zipped.nii"
+    zipped.write_bytes(gzip.compress((tmp_path / "plain.nii").read_bytes()))
+    with pytest.raises(DataError, match=r"zipped.nii: this file is gzip-compressed; rename it to .nii.gz"):
+        load_volume(zipped)
+    # renamed the way the messages say, both load
+    renamed.rename(tmp_path / "fixed.nii")
+    zipped.rename(tmp_path / "fixed.nii.gz")
+    for name in ("fixed.nii", "fixed.nii.gz"):
+        assert np.array_equal(load_volume(tmp_path / name).array, arr)
