@@ -6,6 +6,8 @@ import argparse
 import errno
 import logging
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -42,8 +44,53 @@ def resolve_config(cls: type[T], args: argparse.Namespace, extra: Sequence[str] 
     return load_config(cls, args.config, [*extra, *args.overrides])
 
 
+# What a start writes before it trains: a directory holding only these (empty, for the
+# metrics and folders) is what a start that stopped on its data or config left behind.
+_START_FILES = ("config.yaml", "data_report.json")
+_START_DIRS = ("checkpoints", "previews")  # checkpoints/: only temp files of an interrupted save
+_FOLD_DIR = re.compile(r"fold_\d+")
+
+
+def _blocker(d: Path) -> Path | None:
+    """The first entry of ``d`` that belongs to a run that trained (a checkpoint, metrics lines,
+    best.pt, encoder.pt, landmark.pt, results, previews) or to something else; None if ``d`` holds
+    only what a failed start leaves (fold_k folders are looked into)."""
+    for p in sorted(d.iterdir()):
+        if p.is_file() and p.name in _START_FILES:
+            continue
+        if p.is_file() and p.name == "metrics.jsonl":
+            with open(p, "rb") as f:
+                if f.read(4096).strip():
+                    return p
+            continue
+        if p.is_dir() and not p.is_symlink() and p.name in _START_DIRS:
+            files = sorted(q for q in p.rglob("*") if not q.is_dir())
+            kept = [q for q in files if not (p.name == "checkpoints" and q.name.endswith(".tmp"))]
+            if kept:
+                return kept[0]
+            continue
+        if p.is_dir() and not p.is_symlink() and _FOLD_DIR.fullmatch(p.name):
+            inner = _blocker(p)
+            if inner is not None:
+                return inner
+            continue
+        return p
+    return None
+
+
+def _is_run_output(rel: Path) -> bool:
+    """Whether ``rel`` (a :func:`_blocker` path relative to the run directory) is a training output."""
+    names = ("metrics.jsonl", "best.pt", "encoder.pt", "landmark.pt", "results.json", "results.md")
+    return rel.name in names or rel.suffix == ".pt" or any(part in _START_DIRS for part in rel.parts)
+
+
 def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt") -> Path:
     """Refuse to write into a directory holding another run unless resuming it.
+
+    A directory holding only the leftovers of a start that never trained (``config.yaml``,
+    ``data_report.json``, an empty ``metrics.jsonl``, empty ``checkpoints/`` or ``previews/``)
+    is reused for a fresh start: the leftovers are removed, so the corrected rerun of a start
+    that failed on its data needs no new ``--out``.
 
     Only rank 0 checks: under torchrun the other ranks start while rank 0 already writes into it.
     """
@@ -55,11 +102,25 @@ def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt"
         if not (out / marker).exists():
             raise SystemExit(f"error: --resume given but {out / marker} does not exist")
         return out
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; expected a run directory")
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(
-            f"error: {out} is not empty; choose a new --out, or pass --resume to continue the run in it "
-            "(nothing was overwritten)"
-        )
+        blocker = _blocker(out)
+        if blocker is not None:
+            rel = blocker.relative_to(out)
+            what = "a run" if _is_run_output(rel) else "files that are not from a run"
+            raise SystemExit(
+                f"error: {out} is not empty: it holds {what} ({rel}); choose a new --out, "
+                "or pass --resume to continue the run in it (nothing was overwritten)"
+            )
+        leftovers = sorted(out.iterdir())
+        for p in leftovers:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        log.info("%s holds only what a start that never trained left (%s); reusing it for this run",
+                 out, ", ".join(p.name for p in leftovers))
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -26,7 +26,8 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", default=None, help="btcv | flare22 | classification | custom (task.name)")
     p.add_argument("--data-root", default=None,
-                   help="folder holding dataset_0.json (BTCV layout) or a datalist JSON (data.data)")
+                   help="folder holding dataset_0.json (BTCV layout), a datalist JSON, or a plain folder with "
+                        "imagesTr/ + labelsTr/ (last 20%% of the cases validate) (data.data)")
     p.add_argument("--model", default=None,
                    help="unetr | swin_unetr | nnformer (classification: vit | swin | nnformer) (model.name); "
                         "default: what the --pretrained encoder fits, else unetr / vit")
@@ -92,8 +93,7 @@ def predict_main(argv: Sequence[str]) -> int:
     setup_logging(args.verbose)
     from alice3d.finetune.predict import predict
 
-    path = predict(args.run, args.image, args.out, device=args.device)
-    print(f"segmentation written to {path}")
+    predict(args.run, args.image, args.out, device=args.device)  # it logs where it wrote: no second line here
     return 0
 
 

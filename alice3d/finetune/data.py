@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from alice3d.data.datalists import scan_directory
 from alice3d.data.io import DataError, load_volume
 from alice3d.finetune.config import AugConfig, FinetuneDataConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
 from alice3d.finetune.transforms import preprocess_transforms, train_random_transforms, training_view
+from alice3d.runtime import progress
 
 log = logging.getLogger("alice3d.finetune")
 
@@ -75,8 +77,9 @@ def case_id(path: str) -> str:
     return Path(name).stem
 
 
-def find_datalist(data: str, task: TaskSpec) -> Path:
-    """``data`` is a datalist JSON or a folder holding ``task.datalist_name`` (or dataset.json)."""
+def find_datalist(data: str, task: TaskSpec) -> Path | None:
+    """``data`` is a datalist JSON or a folder holding ``task.datalist_name`` (or dataset.json);
+    None for a folder without one (a plain image folder, see :func:`folder_lists`)."""
     p = Path(data).expanduser()
     if p.is_file():
         return p
@@ -84,9 +87,58 @@ def find_datalist(data: str, task: TaskSpec) -> Path:
         for name in (task.datalist_name, "dataset.json"):
             if (p / name).is_file():
                 return p / name
-        raise DataError(f"{p}: folder has no {task.datalist_name} or dataset.json (a Decathlon-style datalist "
-                        "with 'training' and 'validation' lists of {{\"image\": ..., \"label\": ...}})")
-    raise DataError(f"{p}: data not found (expected a datalist JSON or a folder with {task.datalist_name})")
+        return None
+    raise DataError(f"{p}: data not found (expected a datalist JSON, a folder with {task.datalist_name} "
+                    "or a folder with imagesTr/ and labelsTr/)")
+
+
+def validation_count(n: int) -> int:
+    """Validation cases of a folder without a datalist: 20 %, at least 1 (24/6 for BTCV's 30)."""
+    return max(1, int(round(0.2 * n)))
+
+
+def folder_lists(folder: str | Path, task: TaskSpec) -> dict[str, list[Case]]:
+    """A plain folder without a datalist -> ``{"training", "validation", "test"}``.
+
+    Images of ``imagesTr/`` (or of the folder itself) are paired with the labels of the
+    sibling ``labelsTr/`` by :func:`alice3d.data.datalists.scan_directory` (same file name,
+    or ``img`` -> ``label``); in file-name order, the last :func:`validation_count` cases
+    validate and the others train.
+    """
+    folder = Path(folder).expanduser()
+    expected = (f"expected a {task.datalist_name} (a Decathlon-style datalist with 'training' and 'validation' "
+                'lists of {"image": ..., "label": ...}) or imagesTr/ + labelsTr/ folders')
+    if task.kind == CLASSIFICATION:
+        raise DataError(f"{folder}: folder has no {task.datalist_name} or dataset.json; a classification task needs "
+                        'a datalist whose entries carry the class ids ({"image": ..., "label": CLASS_ID})')
+    entries = scan_directory(folder)
+    if not entries:
+        raise DataError(f"{folder}: folder has no {task.datalist_name} or dataset.json and no images; {expected}")
+    unpaired = [Path(e["image"]).name for e in entries if "label" not in e]
+    if unpaired:
+        raise DataError(f"{folder}: no label map in labelsTr/ for {len(unpaired)} image(s): "
+                        f"{', '.join(unpaired[:5])}{' ...' if len(unpaired) > 5 else ''} (labels are looked up in "
+                        "the labelsTr/ folder beside imagesTr/, under the image's file name or with 'img' -> 'label'; "
+                        f"or write a {task.datalist_name})")
+    if len(entries) < 2:
+        raise DataError(f"{folder}: only 1 labelled case; training and validation need at least 2")
+    cases = [Case(id=case_id(e["image"]), image=e["image"], label=e["label"]) for e in entries]
+    _check_unique(cases, str(folder))
+    n_val = validation_count(len(cases))
+    train, val = cases[:-n_val], cases[-n_val:]
+    log.info("%s: no %s; paired %d images with their labelsTr/ label maps; validation = the last %d in file-name "
+             "order (%s), training = the other %d", folder, task.datalist_name, len(cases), n_val,
+             ", ".join(c.id for c in val), len(train))
+    return {"training": train, "validation": val, "test": []}
+
+
+def load_lists(data: str, task: TaskSpec) -> tuple[dict[str, list[Case]], str]:
+    """The cases of ``data`` (a datalist JSON, a folder holding one, or a plain image folder),
+    and the name of their source for messages."""
+    datalist = find_datalist(data, task)
+    if datalist is None:
+        return folder_lists(data, task), str(Path(data).expanduser())
+    return read_datalist(datalist, task), str(datalist)
 
 
 def _resolve(base: Path, p: Any) -> str:
@@ -139,11 +191,15 @@ def read_datalist(path: str | Path, task: TaskSpec) -> dict[str, list[Case]]:
         if not isinstance(items, list):
             raise DataError(f"{path}: '{key}' must be a list, got {type(items).__name__}")
         out[key] = [_entry(it, path.parent, path, key, i, task) for i, it in enumerate(items)]
-    ids = [c.id for c in out["training"] + out["validation"]]
+    _check_unique(out["training"] + out["validation"], str(path))
+    return out
+
+
+def _check_unique(cases: Sequence[Case], source: str) -> None:
+    ids = [c.id for c in cases]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise DataError(f"{path}: case ids appear more than once across training/validation: {dup}")
-    return out
+        raise DataError(f"{source}: case ids appear more than once across training/validation: {dup}")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -232,10 +288,8 @@ def prepare_case(case: Case, task: TaskSpec) -> Prepared:
 
 def prepare_cases(cases: Sequence[Case], task: TaskSpec, on_bad_data: str, what: str) -> tuple[list[Prepared], dict[str, str]]:
     """Prepare every case; bad ones are collected (skip) or stop the run (fail)."""
-    from tqdm.auto import tqdm
-
     good, bad = [], {}
-    for case in tqdm(list(cases), desc=f"preparing {what} cases", disable=None, leave=False):
+    for case in progress(list(cases), desc=f"preparing {what} cases", unit="case", logger=log, leave=False):
         try:
             good.append(prepare_case(case, task))
         except DataError as e:

@@ -9,20 +9,23 @@ has the input file's shape and voxel->world affine, whatever its orientation/spa
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from alice3d.data.inspect import log_modality_warnings
 from alice3d.data.io import DataError, is_nifti, load_volume, save_image, save_nifti
 from alice3d.finetune.config import EvalConfig
 from alice3d.finetune.evaluate import sliding_window_logits
 from alice3d.finetune.models import build_network
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
 from alice3d.finetune.transforms import inference_transforms, postprocess_transforms
+from alice3d.runtime import progress
 from alice3d.train.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger("alice3d.finetune")
@@ -69,12 +72,27 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     return LoadedRun(net, task, spec, inf, meta)
 
 
-def _logits_fn(net: torch.nn.Module):
+def _logits_fn(net: torch.nn.Module, after: Callable[[], None] = lambda: None):
     def fn(x: torch.Tensor) -> torch.Tensor:
         out = net(x)
+        after()
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return fn
+
+
+def window_batches(shape: Sequence[int], roi: Sequence[int], ecfg: EvalConfig) -> int:
+    """Network calls of MONAI's ``sliding_window_inference`` on one image of spatial ``shape``.
+
+    MONAI pads the image to at least the ROI and steps ``int(roi * (1 - overlap))`` voxels
+    (the whole axis where the padded size equals the ROI); ``sw_batch_size`` windows per call.
+    """
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(shape, roi)]
+    interval = [r if r == s else max(1, int(r * (1 - ecfg.sw_overlap))) for s, r in zip(size, roi)]
+    windows = len(dense_patch_slices(size, [int(r) for r in roi], interval))
+    return math.ceil(windows / max(1, ecfg.sw_batch_size))
 
 
 @torch.no_grad()
@@ -90,6 +108,7 @@ def segment_file(loaded: LoadedRun, image_path: str | Path) -> tuple[np.ndarray,
         raise DataError(f"run task {task.name!r} is a classification task; predict writes segmentations only")
     image_path = str(image_path)
     vol = load_volume(image_path)  # clear errors for unreadable/non-finite/wrong-dimensional files
+    log_modality_warnings(vol, task.modality, log)  # a label map or MR given as image: warn, go on
     lo = task.hu_window[0]
     if not (vol.array > lo).any():
         raise DataError(f"{image_path}: no voxel above {lo:g} HU (task window {list(task.hu_window)}); "
@@ -101,8 +120,10 @@ def segment_file(loaded: LoadedRun, image_path: str | Path) -> tuple[np.ndarray,
         pre = inference_transforms(task)
         data = pre({"image": source})
         device = next(loaded.network.parameters()).device
-        logits = sliding_window_logits(_logits_fn(loaded.network), data["image"][None].to(device), task.roi,
-                                       loaded.inference)
+        image = data["image"][None].to(device)
+        total = window_batches(image.shape[2:], task.roi, loaded.inference)
+        with progress(total=total, desc="sliding-window inference", unit="batch", logger=log) as bar:
+            logits = sliding_window_logits(_logits_fn(loaded.network, bar.update), image, task.roi, loaded.inference)
         data["pred"] = logits[0].float().cpu()
         out = postprocess_transforms(task, pre)(data)
     seg = out["pred"]

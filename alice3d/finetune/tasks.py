@@ -153,8 +153,9 @@ def resolve_task(
     p = TASK_PRESETS[name]
     if phantom and not p.phantom_ok:
         raise ConfigError(
-            f"task {name!r} needs real data: pass --data-root DIR (a folder with {datalist_name or 'dataset_0.json'}) "
-            "or data.data=DATALIST.json; the embedded phantom cohort carries BTCV labels (use --task btcv)"
+            f"task {name!r} needs real data: pass --data-root DIR (a folder with {datalist_name or 'dataset_0.json'} "
+            "or with imagesTr/ + labelsTr/) or data.data=DATALIST.json; the embedded phantom cohort carries BTCV "
+            "labels (use --task btcv)"
         )
     if name == "custom":
         label_map = _custom_labels(list(labels or []))

@@ -18,8 +18,7 @@ import torch
 
 from alice3d.config import save_config
 from alice3d.finetune.config import FinetuneConfig
-from alice3d.finetune.data import (Prepared, Split, TrainSamples, case_store, find_datalist, make_splits,
-                                   prepare_cases, read_datalist)
+from alice3d.finetune.data import Prepared, Split, TrainSamples, case_store, load_lists, make_splits, prepare_cases
 from alice3d.finetune.evaluate import (evaluate_classification, evaluate_segmentation, flat_metrics,
                                        save_previews, write_results)
 from alice3d.finetune.metrics import aggregate
@@ -153,12 +152,11 @@ def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, 
     from alice3d.train.trainer import Trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _is_main():
-        save_config(cfg, run_dir / "config.yaml")
     on_bad = cfg.data.on_bad_data
     train_ok, bad_train = prepare_cases(split.train, task, on_bad, "training")
     val_ok, bad_val = prepare_cases(split.val, task, on_bad, "validation")
-    if _is_main():
+    if _is_main():  # only now: a start that fails on its data leaves nothing behind
+        save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_report.json").write_text(json.dumps(
             {"bad_training_cases": bad_train, "bad_validation_cases": bad_val,
              "training_cases": [c.id for c in train_ok], "validation_cases": [c.id for c in val_ok]}, indent=2))
@@ -280,13 +278,12 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False) -> 
                         source=encoder.path if encoder else "encoder file")
     cfg.model.name = model_name(spec)
     root = data_root(cfg, task)
-    datalist = find_datalist(root, task)
-    lists = read_datalist(datalist, task)
-    splits = make_splits(lists, cfg.data, str(datalist))
-    if _is_main():
-        save_config(cfg, out / "config.yaml")
+    lists, source = load_lists(root, task)
+    splits = make_splits(lists, cfg.data, source)
     if len(splits) == 1 and (not cfg.data.kfold or cfg.data.fold >= 0):
         return run_split(cfg, task, splits[0], out, resume, encoder)
+    if _is_main():
+        save_config(cfg, out / "config.yaml")
     results = []
     for split in splits:
         fold_dir = out / f"fold_{split.fold}"

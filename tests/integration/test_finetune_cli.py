@@ -169,3 +169,52 @@ def test_resume_continues_the_run(cohort, tmp_path):
     assert [s for s in steps if s] == sorted(s for s in steps if s) and max(steps) == 3
     assert json.loads((out / "results.json").read_text())["train_steps"] == 3
     assert _run([*args, "train.max_steps=3"]) != 0  # a finished run is never overwritten without --resume
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_failed_starts_then_the_corrected_rerun_uses_the_same_out(cohort, tmp_path, capsys):
+    out = tmp_path / "run"
+    missing = tmp_path / "missing_cohort"
+    shutil.copytree(cohort, missing)
+    (missing / "imagesTr" / "img0002.nii.gz").unlink()
+    assert _run(["--task", "btcv", "--data-root", missing, "--out", out, "train.max_steps=1",
+                 "data.on_bad_data=fail", *TINY]) == 2
+    assert "img0002.nii.gz" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # config.yaml is written only once the data checks passed
+    # A k-fold start records its config before the folds; failing in fold 0 leaves that behind.
+    bad, _ = _cohort_with_bad_label(cohort, tmp_path)
+    assert _run(["--task", "btcv", "--data-root", bad, "--kfold", "2", "--out", out, "train.max_steps=1",
+                 "data.on_bad_data=fail", *TINY]) == 2
+    assert (out / "config.yaml").exists() and "kfold: 2" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert _run(["--task", "btcv", "--data-root", cohort, "--out", out, "train.max_steps=1", *TINY,
+                 "eval.n_previews=0"]) == 0
+    assert "reusing it for this run" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["train_steps"] == 1
+    assert "kfold: 0" in (out / "config.yaml").read_text() and not (out / "fold_0").exists()
+
+
+def test_a_finished_run_is_refused_and_left_untouched(finished_run, cohort):
+    before = _snapshot(finished_run)
+    assert "checkpoints/last.pt" in before and "best.pt" in before
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in ["--task", "btcv", "--data-root", cohort, "--out", finished_run, "train.max_steps=1", *TINY]])
+    msg = str(e.value.code)  # SystemExit("error: ..."): Python prints it and exits 1
+    assert f"{finished_run} is not empty: it holds a run (best.pt)" in msg and "--resume" in msg
+    assert _snapshot(finished_run) == before
+
+
+def test_plain_image_label_folder_without_datalist(cohort, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    for sub in ("imagesTr", "labelsTr"):
+        shutil.copytree(cohort / sub, plain / sub)
+    assert not (plain / "dataset_0.json").exists()
+    out = tmp_path / "run"
+    assert _run(["--task", "btcv", "--data-root", plain, "--out", out, "train.max_steps=1", *TINY,
+                 "eval.n_previews=0"]) == 0
+    assert "validation = the last 1 in file-name order (img0004)" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_cases"] == ["img0001", "img0002", "img0003"] and results["val_cases"] == ["img0004"]

@@ -97,3 +97,40 @@ def test_predict_reads_and_writes_other_formats_in_the_same_space(run_dir, tmp_p
     assert got.GetSize() == ref.GetSize()
     assert np.allclose(got.GetOrigin(), ref.GetOrigin()) and np.allclose(got.GetDirection(), ref.GetDirection())
     assert np.array_equal(sitk.GetArrayFromImage(got).transpose(2, 1, 0), np.asarray(nib.load(nii).dataobj))
+
+
+@pytest.mark.parametrize("shape,batch,overlap,expected", [
+    ((40, 36, 18), 2, 0.25, 4),  # steps 24/24/12 -> 2 windows per axis, 8 windows, 2 per call
+    ((32, 20, 16), 4, 0.5, 1),   # padded to the ROI: one window
+    ((70, 32, 16), 3, 0.5, 2),   # steps 16: 4 windows along x, exactly the ROI elsewhere; 3 per call
+])
+def test_window_batches_counts_the_network_calls(shape, batch, overlap, expected):
+    from alice3d.finetune.config import EvalConfig
+    from alice3d.finetune.evaluate import sliding_window_logits
+    from alice3d.finetune.predict import window_batches
+
+    ecfg = EvalConfig(sw_batch_size=batch, sw_overlap=overlap)
+    calls = []
+    sliding_window_logits(lambda x: calls.append(x.shape[0]) or x, torch.zeros(1, 1, *shape), (32, 32, 16), ecfg)
+    assert window_batches(shape, (32, 32, 16), ecfg) == len(calls) == expected
+
+
+def test_predict_cli_reports_completion_once_and_progress_in_logs(run_dir, tmp_path, capsys, monkeypatch):
+    import alice3d.runtime
+    from alice3d.cli.finetune import main
+
+    monkeypatch.setattr(alice3d.runtime, "MIN_INTERVAL_S", 0.0)
+    nib.save(nib.Nifti1Image(_image((80, 72, 36)), RAS), tmp_path / "ct.nii.gz")
+    seg = tmp_path / "seg.nii.gz"
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--run", str(run_dir), "--image", str(tmp_path / "ct.nii.gz"), "--out", str(seg),
+              "--device", "cpu"])
+    assert e.value.code in (0, None) and seg.exists()
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    assert len([l for l in lines if str(seg) in l]) == 1, lines
+    # After resampling to 8 mm and the foreground crop: 36x35x23 voxels -> 2x2x2 windows of 32x32x16,
+    # 2 per network call; pytest's stderr is no TTY, so progress comes as log lines.
+    progress = [l.split("alice3d.finetune: ", 1)[1] for l in lines if "sliding-window inference: " in l]
+    assert [p.split(" (")[0] for p in progress[:-1]] == [f"sliding-window inference: {k}/4" for k in (1, 2, 3)]
+    assert progress[-1].startswith("sliding-window inference: 4/4 done in ")

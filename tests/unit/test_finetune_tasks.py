@@ -12,8 +12,8 @@ import torch
 from alice3d.config import ConfigError, load_config
 from alice3d.data.io import DataError
 from alice3d.finetune.config import AugConfig, FinetuneConfig, FinetuneDataConfig
-from alice3d.finetune.data import (Case, TrainSamples, case_store, labeled_subset, make_splits, prepare_case,
-                                   read_datalist)
+from alice3d.finetune.data import (Case, TrainSamples, case_store, folder_lists, labeled_subset, load_lists,
+                                   make_splits, prepare_case, read_datalist, validation_count)
 from alice3d.finetune.tasks import BTCV_LABELS, FLARE22_LABELS, TaskSpec, resolve_task
 from alice3d.finetune.transforms import inference_transforms
 
@@ -90,6 +90,61 @@ def test_datalist_splits_kfold_and_label_fraction(tmp_path):
     no_val.write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
     with pytest.raises(DataError, match="no 'validation' cases; .*data.kfold"):
         make_splits(read_datalist(no_val, task), FinetuneDataConfig())
+
+
+
+def _plain_folder(root, images, labels):
+    for sub, names in (("imagesTr", images), ("labelsTr", labels)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (root / sub / n).write_bytes(b"")  # pairing looks at names only; reading comes later
+    return root
+
+
+def test_plain_folder_without_datalist_is_paired_and_split(tmp_path, caplog):
+    task = resolve_task("btcv")
+    root = _plain_folder(tmp_path / "btcv", [f"img{i:04d}.nii.gz" for i in (3, 1, 5, 2, 4)],
+                         [f"label{i:04d}.nii.gz" for i in range(1, 6)])
+    caplog.set_level("INFO", logger="alice3d.finetune")
+    lists, source = load_lists(str(root), task)
+    assert source == str(root)
+    assert [c.id for c in lists["training"]] == ["img0001", "img0002", "img0003", "img0004"]
+    assert [c.id for c in lists["validation"]] == ["img0005"] and lists["test"] == []
+    assert lists["validation"][0].label == str((root / "labelsTr" / "label0005.nii.gz").resolve())
+    assert any("validation = the last 1 in file-name order (img0005)" in r.getMessage() for r in caplog.records)
+    (split,) = make_splits(lists, FinetuneDataConfig(), source)
+    assert [c.id for c in split.val] == ["img0005"] and len(split.train) == 4
+    assert [validation_count(n) for n in (2, 4, 8, 10, 30)] == [1, 1, 2, 2, 6]
+    # Same file names in labelsTr/ pair too; --data-root may also name imagesTr/ itself.
+    same = _plain_folder(tmp_path / "same", ["a.nii.gz", "b.nii.gz"], ["a.nii.gz", "b.nii.gz"])
+    lists = folder_lists(same / "imagesTr", task)
+    assert [c.id for c in lists["training"]] == ["a"] and [c.id for c in lists["validation"]] == ["b"]
+    assert lists["training"][0].label == str((same / "labelsTr" / "a.nii.gz").resolve())
+    # A folder with a datalist is still read through it.
+    (tmp_path / "dl").mkdir()
+    _plain_folder(tmp_path / "dl", ["zzz.nii.gz"], ["zzz.nii.gz"])
+    lists, source = load_lists(str(_datalist(tmp_path / "dl").parent), task)
+    assert source.endswith("dataset_0.json") and [c.id for c in lists["validation"]] == ["img0008", "img0009"]
+
+
+def test_plain_folder_errors_name_what_is_missing(tmp_path):
+    task = resolve_task("btcv")
+    root = _plain_folder(tmp_path / "half", ["img0001.nii.gz", "img0002.nii.gz"], ["label0001.nii.gz"])
+    with pytest.raises(DataError, match=r"no label map in labelsTr/ for 1 image\(s\): img0002.nii.gz"):
+        load_lists(str(root), task)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as e:
+        load_lists(str(tmp_path / "empty"), task)
+    msg = str(e.value)
+    assert "no dataset_0.json or dataset.json and no images" in msg and "imagesTr/ + labelsTr/" in msg
+    assert 'lists of {"image": ..., "label": ...}' in msg and "{{" not in msg
+    one = _plain_folder(tmp_path / "one", ["img0001.nii.gz"], ["label0001.nii.gz"])
+    with pytest.raises(DataError, match="only 1 labelled case"):
+        load_lists(str(one), task)
+    with pytest.raises(DataError, match="classification task needs a datalist"):
+        load_lists(str(root), resolve_task("classification"))
+    with pytest.raises(DataError, match="data not found"):
+        load_lists(str(tmp_path / "nowhere"), task)
 
 
 def _write_case(tmp_path, name, affine, label_ids=(1, 6), shape=(30, 28, 12), label_affine=None, label_shape=None):

@@ -78,6 +78,25 @@ def test_loss_decreases_and_files_written(tmp_path):
     assert ckpt["step"] == 60 and ckpt["config"]["train"]["max_steps"] == 60
 
 
+def test_progress_is_logged_with_the_loss_when_not_a_terminal(tmp_path, caplog, monkeypatch):
+    import re
+
+    import alice3d.runtime
+
+    monkeypatch.setattr(alice3d.runtime, "MIN_INTERVAL_S", 0.0)  # every 10 % (2 steps of 12), however fast
+    caplog.set_level("INFO", logger="alice3d.train")
+    cfg = make_cfg(max_steps=12)
+    Trainer(Toy(), cfg.train, tmp_path, full_config=cfg).fit(ToyData())  # pytest's stderr is no TTY
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    pattern = r"train: (\d+)/12 \(\d+%\), [0-9.]+ (step/s|s/step), ETA \d+:\d\d:\d\d, loss=([0-9.]+)"
+    matches = [re.fullmatch(pattern, l) for l in lines[:-1]]
+    assert all(matches), lines
+    ls = losses(tmp_path)
+    assert [int(m.group(1)) for m in matches] == [2, 4, 6, 8, 10]
+    assert [m.group(3) for m in matches] == [f"{ls[k - 1]:.4f}" for k in (2, 4, 6, 8, 10)]
+    assert lines[-1].startswith("train: 12/12 done in ") and lines[-1].endswith(f"loss={ls[-1]:.4f}")
+
+
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     cfg = make_cfg()

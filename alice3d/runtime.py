@@ -1,0 +1,193 @@
+"""Process-level helpers every layer may use: progress reporting (more to come: rank helpers).
+
+Bottom layer: imports only the standard library and tqdm.
+
+:class:`Progress` reports a loop of ``total`` items in one of two ways. On a terminal
+(stderr is a TTY) it is a tqdm bar. Otherwise (a log file, a cluster job, a pipe) tqdm
+would print nothing, so it writes ``logging`` lines instead, each with done/total,
+rate and ETA, e.g. ``train: 40/100 (40%), 2.51 it/s, ETA 0:00:24, loss=0.1234``: one
+line per 10 % of the total, but at most one every ``MIN_INTERVAL_S`` and at least one
+every ``MAX_INTERVAL_S``, plus a closing line for a loop that took that long. Only the
+main process (``RANK`` 0) reports; the others stay silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator, TextIO
+
+MIN_INTERVAL_S = 10.0  # no two log lines closer than this (a fast loop does not flood the log)
+MAX_INTERVAL_S = 120.0  # a slow loop still says it is alive this often
+FRACTION = 0.1  # otherwise one line per this fraction of the total
+
+_log = logging.getLogger("alice3d.progress")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS`` (``?`` when unknown)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_rate(rate: float, unit: str) -> str:
+    """``2.51 it/s``; below one per second ``3.98 s/it`` (easier to read for slow steps)."""
+    if not math.isfinite(rate) or rate <= 0:
+        return f"? {unit}/s"
+    return f"{rate:.2f} {unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{unit}"
+
+
+class Progress:
+    """Progress of ``total`` items (``None``: unknown): ``update(n)`` after each, ``close()`` at the end
+    (or use it as a context manager, or iterate over it when built with ``iterable``).
+
+    initial: items already done (a resumed run); the rate counts only the items done here.
+    enabled: False silences it (besides the non-main processes, which are always silent).
+    tty: force the bar (True) or the log lines (False); default: whether ``file`` is a TTY.
+    min_interval_s / max_interval_s / fraction: the log-line schedule (module defaults).
+    clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, total: int | None, desc: str, *, initial: int = 0, unit: str = "it",
+                 logger: logging.Logger | None = None, enabled: bool = True, tty: bool | None = None,
+                 leave: bool = True, min_interval_s: float | None = None, max_interval_s: float | None = None,
+                 fraction: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 file: TextIO | None = None, iterable: Iterable[Any] | None = None):
+        self.total = None if total is None else int(total)
+        self.desc, self.unit, self.initial, self.n = desc, unit, int(initial), int(initial)
+        self.enabled = bool(enabled) and _rank() == 0
+        self.log = logger or _log
+        self.min_interval_s = MIN_INTERVAL_S if min_interval_s is None else float(min_interval_s)
+        self.max_interval_s = MAX_INTERVAL_S if max_interval_s is None else float(max_interval_s)
+        self.fraction = FRACTION if fraction is None else float(fraction)
+        self.clock = clock
+        self.postfix: dict[str, str] = {}
+        self.lines = 0  # log lines written so far
+        self._iterable = iterable
+        self._closed = False
+        self._t0 = self._last_t = clock()
+        self._last_mark = self._mark(self.n)
+        file = sys.stderr if file is None else file
+        self._bar = None
+        if self.enabled and (_isatty(file) if tty is None else tty):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=file,
+                             leave=leave, dynamic_ncols=True)
+
+    # ------------------------------------------------------------- reporting
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and not (self.total is not None and self.n >= self.total):  # close() reports the end
+            self._maybe_log()
+
+    def set_postfix(self, **values: Any) -> None:
+        """Shown after the bar, and appended to the log lines as ``key=value``."""
+        self.postfix = {k: str(v) for k, v in values.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+            return
+        elapsed = self.clock() - self._t0
+        if self.enabled and (self.lines or elapsed >= self.min_interval_s):
+            self._emit(self._end_line(elapsed))
+
+    # ------------------------------------------------------------- log lines
+
+    def _mark(self, n: int) -> int:
+        if not self.total:
+            return 0
+        return n // max(1, math.ceil(self.total * self.fraction))
+
+    def _rate(self, elapsed: float) -> float:
+        done = self.n - self.initial
+        return done / elapsed if elapsed > 0 and done > 0 else float("nan")
+
+    def _maybe_log(self) -> None:
+        now = self.clock()
+        since = now - self._last_t
+        mark = self._mark(self.n)
+        if since < self.min_interval_s or (mark <= self._last_mark and since < self.max_interval_s):
+            return
+        self._last_t, self._last_mark = now, mark
+        self._emit(self._line(now - self._t0))
+
+    def _line(self, elapsed: float) -> str:
+        rate = self._rate(elapsed)
+        parts = [format_rate(rate, self.unit)]
+        if self.total:
+            head = f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%)"
+            parts.append(f"ETA {format_duration((self.total - self.n) / rate if rate > 0 else float('nan'))}")
+        else:
+            head = f"{self.desc}: {self.n} {self.unit}"
+        return ", ".join([head, *parts, *self._postfix_parts()])
+
+    def _end_line(self, elapsed: float) -> str:
+        total = "" if self.total is None else f"/{self.total}"
+        if self.total is not None and self.n < self.total:
+            head = f"{self.desc}: stopped at {self.n}{total} after {format_duration(elapsed)}"
+        else:
+            head = f"{self.desc}: {self.n}{total} done in {format_duration(elapsed)}"
+        return ", ".join([head, format_rate(self._rate(elapsed), self.unit), *self._postfix_parts()])
+
+    def _postfix_parts(self) -> list[str]:
+        return [" ".join(f"{k}={v}" for k, v in self.postfix.items())] if self.postfix else []
+
+    def _emit(self, line: str) -> None:
+        self.lines += 1
+        self.log.info("%s", line)
+
+    # ------------------------------------------------------------- protocols
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterable is None:
+            raise TypeError(f"progress {self.desc!r} was built without an iterable; call update() instead")
+        try:
+            for item in self._iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
+             **kwargs: Any) -> Progress:
+    """A :class:`Progress`; ``total`` defaults to ``len(iterable)``.
+
+    ``for case in progress(cases, desc="preparing"): ...`` or
+    ``with progress(total=n, desc="train") as p: ... p.update()``.
+    """
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    return Progress(total, desc, iterable=iterable, **kwargs)
