@@ -217,7 +217,7 @@ def read_cka_csv(path: str | os.PathLike) -> dict[float, list[float]]:
 
 def plot_cka(results: dict[float, list[float]], path: str | os.PathLike, title: str = "CKA: masked vs full input") -> Path:
     """One line per mask ratio, CKA against block index."""
-    from alice3d.analysis.plots import line_plot
+    from alice3d.viz.plots import line_plot  # here, so computing CKA does not import matplotlib
 
     series = {f"mask {r:g}": (np.arange(1, len(v) + 1), np.asarray(v)) for r, v in sorted(results.items())}
-    return line_plot(series, path, title=title, xlabel="block", ylabel="linear CKA", ylim=(0.0, 1.02))
+    return line_plot(series, path, title=title, xlabel="block", ylabel="linear CKA", ylim=(0.0, 1.02), integer_x=True)

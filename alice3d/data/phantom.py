@@ -162,7 +162,7 @@ def _write_case(job: dict) -> dict:
     save_nifti(image, aff, out / job["image"])
     save_nifti(label, aff, out / job["label"])
     if job.get("preview"):
-        from ..analysis.previews import save_preview
+        from ..viz.slices import save_preview
 
         save_preview(out / "previews" / f"{job['case']}.png", image, label, affine=aff)
     m.meta.update(image=job["image"], label=job["label"])
@@ -193,18 +193,14 @@ def _cpu_count() -> int:
 
 
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from alice3d.runtime import Progress
 
-        bar = tqdm(total=len(jobs), desc="phantoms", unit="subject")
     results = []
-    try:
+    with Progress(len(jobs), "phantoms", unit="subject", enabled=progress) as bar:
         if workers <= 1:
             for job in jobs:
                 results.append(_write_case(job))
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
         else:
             import multiprocessing as mp
 
@@ -212,11 +208,7 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
                 futures = [ex.submit(_write_case, job) for job in jobs]
                 for fut in as_completed(futures):
                     results.append(fut.result())
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
     return sorted(results, key=lambda r: r["index"])
 
 

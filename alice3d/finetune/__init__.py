@@ -3,5 +3,5 @@ nnFormer, encoder classifiers) with strict encoder.pt transfer, training/validat
 per-organ Dice and NSD, and prediction in the input image's space.
 
 Modules: tasks, config, transforms, data, models, transfer, objectives, metrics, evaluate,
-previews, predict, train, phantom_tasks. The command line is ``alice3d.cli.finetune``.
+prediction_preview, predict, train, phantom_tasks. The command line is ``alice3d.cli.finetune``.
 """

@@ -65,7 +65,7 @@ def save_previews(model: Any, cases: Sequence[Prepared], task: TaskSpec, ecfg: E
                   predictions: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """``out_dir/<case>.png``: ground truth over prediction for each of ``cases`` (predicted
     now unless ``predictions`` holds the case)."""
-    from alice3d.finetune.previews import save_prediction_preview
+    from alice3d.finetune.prediction_preview import save_prediction_preview
 
     was_training = model.training
     model.eval()

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,10 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alice3d.config import TrainConfig, to_dict
+from alice3d.runtime import Progress
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from alice3d.train.distributed import (DistInfo, comm_failure_message, init_distributed, is_comm_failure,
                                       resolve_device)
 from alice3d.train.optim import build_optimizer, build_scheduler
+from alice3d.viz.slices import save_volume_panels
 
 log = logging.getLogger("alice3d.train")
 
@@ -317,10 +318,7 @@ class Trainer:
             return result
 
         unwrapped = self.model
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=start, disable=None if self.dist.is_main else True,
-                   desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = Progress(cfg.max_steps, "train", initial=start, unit="step", logger=log, enabled=self.dist.is_main)
         loader = iter(self._loader(dataset, start))
         consecutive_bad = 0
         t_last = time.perf_counter()
@@ -444,8 +442,6 @@ class Trainer:
     def write_preview(self, model: nn.Module, batch: Any, step: int) -> None:
         if not self.dist.is_main or not hasattr(model, "preview"):
             return
-        from alice3d.analysis.previews import save_volume_panels
-
         model.eval()
         with torch.no_grad(), self._autocast():
             panels = model.preview(batch)

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 
 from alice3d.analysis.cka import DEFAULT_RATIOS, occlusion_invariance, write_cka_csv
-from alice3d.analysis.plots import PALETTE, render_line_plot
-from alice3d.analysis.png import write_png
 from alice3d.analysis.probing import load_labeled_volumes, organ_center_task, run_probes
 from alice3d.config import TrainConfig
 from alice3d.encoders.resnet import ResNetEncoder
@@ -41,6 +39,7 @@ from alice3d.methods.convmim import ConvMIM, ConvMIMConfig
 from alice3d.methods.mae import MAE, MAEConfig
 from alice3d.methods.rmae import CMAE, RMAE, CMAEConfig, RMAEConfig
 from alice3d.train.trainer import Trainer
+from alice3d.viz.plots import PALETTE, draw_lines, new_figure, save_figure
 
 log = logging.getLogger("compare_mim")
 
@@ -67,13 +66,13 @@ def method_model(name: str, nd: int) -> torch.nn.Module:
     if name == "cmae":
         return CMAE(CMAEConfig(**common, proj_hidden_dim=256, proj_dim=64))
     if name == "convmim":
-        return ConvMIM(ConvMIMConfig(backbone="resnet18_tiny", img_size=size, spatial_dims=nd,
+        return ConvMIM(ConvMIMConfig(encoder="resnet18_tiny", img_size=size, spatial_dims=nd,
                                      mask_patch=16 if nd == 2 else 8, feature_dim=64, decoder_dim=32))
     raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
 
 
 def frozen_encoder(model: torch.nn.Module) -> torch.nn.Module:
-    return model.backbone if isinstance(model, ConvMIM) else model.encoder
+    return model.encoder
 
 
 def random_encoder(kind: str, nd: int, seed: int) -> torch.nn.Module:
@@ -187,20 +186,19 @@ def _fmt(v) -> str:
 def write_plot(rows: list[dict], out: Path) -> Path:
     names = list(dict.fromkeys(r["method"] for r in rows))
     colors = {n: PALETTE[k % len(PALETTE)] for k, n in enumerate(names)}  # one colour per method everywhere
-    panels = []
-    for nd in sorted({r["dims"] for r in rows}):
+    dims = sorted({r["dims"] for r in rows})
+    fig, axes = new_figure((360 * len(dims), 1120), nrows=len(dims), ncols=2)
+    for (left, right), nd in zip(axes, dims):
         rs = [r for r in rows if r["dims"] == nd]
         curves = {r["method"]: (np.asarray(r["curve_steps"]), np.asarray(r["curve_loss"]) / max(r["loss_first"], 1e-12))
                   for r in rs if "curve_loss" in r}
         cka = {r["method"]: (np.arange(1, len(r["cka075_blocks"]) + 1) / len(r["cka075_blocks"]),
                              np.asarray(r["cka075_blocks"])) for r in rs}
-        left = render_line_plot(curves, title=f"{nd}D: loss / initial loss", xlabel="step", ylabel="relative loss",
-                                size=(360, 560), markers=False, line_width=1.5, colors=colors)
-        right = render_line_plot(cka, title=f"{nd}D: CKA masked 0.75 vs full", xlabel="depth (block / blocks)",
-                                 ylabel="CKA", size=(360, 560), ylim=(min(0.0, min(min(v[1]) for v in cka.values())), 1.02),
-                                 colors=colors)
-        panels.append(np.concatenate([left, right], axis=1))
-    return write_png(out / "compare_mim.png", np.concatenate(panels, axis=0))
+        draw_lines(left, curves, title=f"{nd}D: loss / initial loss", xlabel="step", ylabel="relative loss",
+                   markers=False, line_width=1.5, colors=colors)
+        draw_lines(right, cka, title=f"{nd}D: CKA masked 0.75 vs full", xlabel="depth (block / blocks)",
+                   ylabel="CKA", ylim=(min(0.0, min(min(v[1]) for v in cka.values())), 1.02), colors=colors)
+    return save_figure(fig, out / "compare_mim.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alice3d.analysis.png import write_png
-from alice3d.analysis.previews import mosaic, ortho_slices
+from alice3d.viz.slices import save_label_comparison
 
 
 def save_prediction_preview(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: str | Path,
@@ -22,6 +21,5 @@ def save_prediction_preview(image: np.ndarray, gt: np.ndarray, pred: np.ndarray,
                          f"{image.shape}, {gt.shape}, {pred.shape}")
     fg = np.argwhere(gt > 0)
     centre = fg.mean(0) if len(fg) else (np.asarray(image.shape) - 1) / 2
-    rows = [ortho_slices(image, labels, point_vox=centre, window=(0.0, 1.0), spacing=spacing, alpha=0.45)
-            for labels in (gt, pred)]
-    return write_png(path, mosaic([[rows[0]], [rows[1]]]))
+    return save_label_comparison(path, image, {"ground truth": gt, "prediction": pred}, point_vox=centre,
+                                 window=(0.0, 1.0), spacing=spacing, alpha=0.45)
