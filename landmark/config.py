@@ -8,9 +8,9 @@ a few minutes; ``configs/landmark/sam_full.yaml`` holds the paper-sized setting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, section
+from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, from_dict, section
 
 
 @dataclass
@@ -93,8 +93,35 @@ class MatchConfig:
     anchors: int = 256  # body points of A matched to fit the pair's affine
     roundtrip_mm: float = 10.0  # an anchor is kept if A -> B -> A lands this close to it
 
+    def validate(self, prefix: str = "match.") -> None:
+        """ConfigError naming ``prefix + key`` for a value the search or the fit cannot use."""
+        check_choice(f"{prefix}consistency", self.consistency, list(CONSISTENCY_MODES))
+        if not 0.0 <= self.fine_weight <= 1.0:
+            raise ConfigError(f"{prefix}fine_weight: expected a weight in [0, 1], got {self.fine_weight}")
+        for key, low in (("coarse_cells", 1), ("chunk_voxels", 1), ("anchors", 0), ("roundtrip_mm", 0.0)):
+            if not getattr(self, key) >= low:
+                raise ConfigError(f"{prefix}{key}: expected at least {low}, got {getattr(self, key)}")
+
 
 CONSISTENCY_MODES = ("affine", "none")
+
+
+def resolve_match_config(stored: dict | None = None, **explicit) -> MatchConfig:
+    """One :class:`MatchConfig` from explicit arguments, a model file's ``match`` metadata and defaults.
+
+    Per field: the explicit argument unless it is None (so an explicit 0 or 0.0 counts), else the
+    stored value, else the default (files written before a field existed hold no such key).
+    Stored keys that are not fields (files of other versions) are ignored.
+    """
+    names = {f.name for f in fields(MatchConfig)}
+    unknown = sorted(set(explicit) - names)
+    if unknown:
+        raise TypeError(f"unknown match settings {unknown}; expected some of {sorted(names)}")
+    values = {k: v for k, v in (stored or {}).items() if k in names}
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    cfg = from_dict(MatchConfig, values)
+    cfg.validate(prefix="")
+    return cfg
 
 
 @dataclass
@@ -146,7 +173,7 @@ class LandmarkConfig:
             raise ConfigError(f"model.coarse_level: expected 1..{len(m.widths)}, got {m.coarse_level}")
         check_choice("model.norm", m.norm, ["batch", "none"])
         check_choice("pairs.fallback", self.pairs.fallback, ["best", "position"])
-        check_choice("match.consistency", self.match.consistency, list(CONSISTENCY_MODES))
+        self.match.validate()
         if len(self.data.spacing) != 3:
             raise ConfigError(f"data.spacing: expected 3 values (mm), got {list(self.data.spacing)}")
         lo, hi = self.data.hu_window

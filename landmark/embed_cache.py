@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -30,6 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from alice3d.errors import Alice3DError
+
+log = logging.getLogger("alice3d.landmark")
+
 MAGIC = b"A3DEMB01"
 ALIGN = 64
 _ALLOWED_DTYPES = {"float16", "float32", "float64", "int16", "int32", "int64", "uint8"}
@@ -39,7 +44,7 @@ MAX_GB_ENV = "ALICE3D_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 20.0
 
 
-class CacheError(ValueError):
+class CacheError(Alice3DError, ValueError):
     """A cache file that is missing, truncated, corrupt or computed for other inputs."""
 
 
@@ -276,6 +281,18 @@ def evict_lru(cache_dir: str | os.PathLike, max_bytes: int | None,
                 continue  # e.g. no permission: leave it, try older ones
         total -= size
     return deleted
+
+
+def trim_cache(cache_dir: str | os.PathLike, max_bytes: int | None, written: str | os.PathLike) -> None:
+    """:func:`evict_lru` after writing ``written``; a failure is logged, since the entry itself is fine."""
+    try:
+        gone = evict_lru(cache_dir, max_bytes, keep=(written,))
+    except OSError as e:
+        log.warning("could not trim the embedding cache %s (%s)", cache_dir, e)
+        return
+    if gone:
+        log.info("embedding cache over its cap of %.1f GB: removed %d least recently used entries",
+                 max_bytes / 1e9, len(gone))
 
 
 def clear_cache(cache_dir: str | os.PathLike) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from landmark.match import BODY_HU
+from landmark.preprocess import BODY_HU
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -124,7 +124,7 @@ def matcher_method(matcher, consistency: str | None = None) -> Callable:
     """A method for :func:`evaluate_pairs`; ``consistency`` overrides the matcher's mode for its calls."""
     def fn(a: Case, b: Case, pts: np.ndarray) -> np.ndarray:
         saved = matcher.consistency
-        matcher.consistency = consistency or saved
+        matcher.consistency = saved if consistency is None else consistency
         try:
             return matcher.match(a.volume, b.volume, pts)[0]
         finally:
@@ -154,7 +154,7 @@ def untrained_network(model_meta: dict, volumes: Sequence, seed: int = 0, crops:
 
     from alice3d.config import from_dict
     from landmark.config import ModelConfig
-    from landmark.match import prepare_array
+    from landmark.preprocess import prepare_array
     from landmark.model import build_model, recalibrate_norms
 
     torch.manual_seed(seed)

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alice3d.data.geometry import apply_affine
 from landmark.config import LossConfig
 
 
+# Not alice3d.core.losses.info_nce (negatives = other rows of the batch): each anchor has its own mined negatives.
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
              temperature: float, neg_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean InfoNCE of ``anchor (N, D)`` vs ``positive (N, D)`` and ``negatives (N, K, D)``.
@@ -34,15 +36,13 @@ def grid_world(affine: torch.Tensor, shape) -> torch.Tensor:
     """World coordinates ``(prod(shape), n)`` of every voxel of a grid with ``affine (n+1, n+1)``."""
     axes = [torch.arange(s, dtype=affine.dtype, device=affine.device) for s in shape]
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
-    n = len(shape)
-    return idx @ affine[:n, :n].T + affine[:n, n]
+    return apply_affine(affine, idx)
 
 
 def nearest_index(affine: torch.Tensor, shape, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat index of the grid voxel nearest to each world point ``(P, n)``, and an in-grid mask ``(P,)``."""
     n = len(shape)
-    inv = torch.linalg.inv(affine)
-    ijk = torch.round(points @ inv[:n, :n].T + inv[:n, n]).long()
+    ijk = torch.round(apply_affine(torch.linalg.inv(affine), points)).long()
     size = torch.tensor(list(shape), device=points.device)
     inside = ((ijk >= 0) & (ijk < size)).all(dim=1)
     ijk = torch.minimum(ijk.clamp(min=0), size - 1)

@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from alice3d.data.geometry import apply_affine
+from alice3d.train.module import BatchDataset
 
 from landmark.config import CropConfig
 from landmark.model import grid_affine
@@ -61,12 +62,10 @@ def crop_grid(center: np.ndarray, scale: float, size: Sequence[int]) -> np.ndarr
 
 def sample_crop(image: torch.Tensor, index_map: np.ndarray, size: Sequence[int], pad_value: float = 0.0) -> torch.Tensor:
     """Trilinearly resample ``image (C, *S)`` on the crop grid ``index_map``; outside = ``pad_value``."""
-    n = len(size)
     shape = image.shape[1:]
     axes = [torch.arange(s, dtype=torch.float32) for s in size]
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    m = torch.as_tensor(index_map, dtype=torch.float32)
-    vol_idx = idx @ m[:n, :n].T + m[:n, n]
+    vol_idx = apply_affine(index_map, idx)
     denom = torch.tensor([max(s - 1, 1) for s in shape], dtype=torch.float32)
     grid = (2 * vol_idx / denom - 1).flip(-1)  # grid_sample wants the last spatial axis first
     out = F.grid_sample((image - pad_value)[None], grid[None], mode="bilinear", padding_mode="zeros",
@@ -134,14 +133,12 @@ def sample_view_pair(vol: TrainVolume, cfg: CropConfig, rng: np.random.Generator
     return out
 
 
-class ViewPairDataset(Dataset):
+class ViewPairDataset(BatchDataset):
     """Item ``i`` (a training micro-step) = a whole batch, deterministic in ``(seed, i)``.
 
     Returns ``view1, view2 (B, 1, *size)``, ``affine1, affine2 (B, n+1, n+1)`` (fine grids,
     index -> world mm) and ``seed`` (for the loss's anchor sampling).
     """
-
-    yields_batches = True
 
     def __init__(self, volumes: Sequence[TrainVolume], cfg: CropConfig, batch_size: int, seed: int = 0,
                  fine_stride: int = 2):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .geometry import apply_affine
 from .phantom_maps import SubjectMap
 from .phantom_template import T, Template, tissue_to_label
 
@@ -53,11 +54,6 @@ class SubjectGeometry:
     orientation: str = "RAS"
     noise_hu: float = 10.0
     hu: dict = field(default_factory=dict)  # tissue name -> mean HU
-
-
-def template_box_world_z(m: SubjectMap, z_template: float) -> float:
-    """World z of template point (0, 0, z) under the subject's global (affine) part."""
-    return float(m.u_to_world(np.array([[0.0, 0.0, z_template]]))[0, 2])
 
 
 def sample_geometry(rng: np.random.Generator, m: SubjectMap, spec: SizeSpec, shape=None, spacing=None) -> SubjectGeometry:
@@ -199,7 +195,7 @@ def render_subject(
     counts = [_node_count(n, float(sp[k]), coarse_mm) for k, n in enumerate(geom.shape)]
     nodes = [np.linspace(0.0, n - 1.0, c) for n, c in zip(geom.shape, counts)]
     g = np.stack(np.meshgrid(*nodes, indexing="ij"), -1).reshape(-1, 3)
-    u = (g @ aff[:3, :3].T + aff[:3, 3]) @ m.A.T + m.t
+    u = apply_affine(aff, g) @ m.A.T + m.t
     # template index (+ 0.5 so that truncation rounds) at the coarse nodes: the affine part is
     # reproduced exactly by linear interpolation, the smooth displacement approximately
     idx = (u + m.displacement(u) - tmpl.origin) / tmpl.res + 0.5

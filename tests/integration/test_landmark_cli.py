@@ -169,12 +169,12 @@ def test_match_takes_negative_points_inline_and_from_files(run, cohort, tmp_path
 
 
 def test_points_outside_source_fail_before_any_embedding(run, cohort, tmp_path, capsys, monkeypatch):
-    import landmark.match
+    import landmark.preprocess
 
     def no_embedding(*a, **k):
         raise AssertionError("embedded a volume although the query point lies outside the source")
 
-    monkeypatch.setattr(landmark.match, "embed_volume", no_embedding)
+    monkeypatch.setattr(landmark.preprocess, "embed_volume", no_embedding)
     a, b = cohort / "imagesTr" / "img0001.nii.gz", cohort / "imagesTr" / "img0002.nii.gz"
     lo, hi = _bounds(a)
     cache = tmp_path / "cache"

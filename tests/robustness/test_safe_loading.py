@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from faults import COMMANDS, FINETUNE, LANDMARK, PRETRAIN, write_malicious
+from faults import COMMANDS, FINETUNE, PRETRAIN, write_malicious
 
 ALICE_TINY = ["method=alice", "alice.img_size=[32,32,16]", "alice.encoder=vit_tiny",
               "alice.encoder_kwargs={num_layers: 1, hidden_size: 48, mlp_dim: 96, num_heads: 4}",

@@ -254,3 +254,41 @@ def test_matcher_keeps_the_cache_under_the_cap(tmp_path, monkeypatch):
     m2.embed(a)  # evicted: computed again, and now b's entry is the one evicted
     assert m2.stats["computed"] == 1 and m2.stats["disk_hits"] == 0
     assert [p.name for p in tmp_path.rglob("*.emb")] == [m.cache_path(m.image_key(a)).name]
+
+
+class _DictSource:
+    """A second embedding source (as a volume store would be): get by image key, put keeps a copy."""
+
+    def __init__(self, broken=False):
+        self.items, self.broken, self.puts = {}, broken, 0
+
+    def get(self, key, name):
+        if self.broken:
+            raise CacheError(f"{name}: broken entry")
+        return self.items.get(key)
+
+    def put(self, emb):
+        self.puts += 1
+        self.items[emb.key] = emb
+        return emb
+
+
+def test_store_asks_its_sources_in_order_and_fills_them_all(tmp_path, caplog):
+    from landmark.store import EmbeddingStore
+
+    net, vol = _net(), _volume()
+    m = Matcher(net, cache_dir=tmp_path)
+    first, broken = _DictSource(), _DictSource(broken=True)
+    store = EmbeddingStore(m._compute, [broken, first, m.disk], memory_items=1)
+    with caplog.at_level(logging.WARNING, logger="alice3d.landmark"):
+        emb = store.get(vol)
+    assert "broken entry" in caplog.text and store.stats["recomputed_bad_cache"] == 1
+    assert store.stats["computed"] == 1 and first.puts == 1 and broken.puts == 1
+    assert m.cache_path(emb.key).exists()
+    computed = first.items[emb.key]
+    assert emb is not computed and torch.equal(emb.fine, computed.fine)  # the disk copy (memory-mapped) is kept
+    store.get(_volume(1))  # pushes vol out of the one-item memory
+    fresh = EmbeddingStore(m._compute, [first, m.disk])
+    assert fresh.get(vol) is computed  # the first source that has it answers
+    assert fresh.stats == {"computed": 0, "disk_hits": 1, "memory_hits": 0, "recomputed_bad_cache": 0}
+    assert fresh.get(vol) is computed and fresh.stats["memory_hits"] == 1

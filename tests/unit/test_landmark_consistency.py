@@ -7,9 +7,12 @@ import pytest
 import torch
 from scipy import ndimage
 
+from alice3d.data.geometry import apply_affine
 from alice3d.data.io import Volume
-from landmark.match import MIN_ANCHORS, Matcher, PairTransform, robust_affine
+from landmark.consistency import MIN_ANCHORS, PairTransform, anchor_points, fit_pair, robust_affine, roundtrip_inliers
+from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
+from landmark.store import Embedding
 from tests.unit.test_landmark_match import TINY
 
 
@@ -55,10 +58,10 @@ def test_embedding_stores_a_body_mask_and_anchors_lie_in_it(net, volume, tmp_pat
     emb = m.embed(volume)
     assert emb.body.dtype == torch.bool and tuple(emb.body.shape) == emb.fine_shape
     assert 0.2 < emb.body.float().mean() < 0.8
-    anchors = emb.anchor_points(40)
+    anchors = anchor_points(emb, 40)
     ijk = np.rint((anchors - emb.fine_affine[:3, 3]) @ np.linalg.inv(emb.fine_affine[:3, :3]).T).astype(int)
     assert len(anchors) == 40 and emb.body[tuple(ijk.T)].all()
-    np.testing.assert_array_equal(anchors, emb.anchor_points(40))
+    np.testing.assert_array_equal(anchors, anchor_points(emb, 40))
     reread = Matcher(net, cache_dir=tmp_path).embed(volume)  # from disk
     assert torch.equal(reread.body, emb.body)
 
@@ -130,7 +133,7 @@ def test_points_mapped_outside_b_get_the_argmax_inside_b(net, volume, tmp_path, 
 
 
 def test_consistency_settings_are_checked_where_they_are_configured(net):
-    from alice3d.cli.pretrain import PretrainConfig
+    from alice3d.pretrain.config import PretrainConfig
     from alice3d.config import ConfigError, load_config
     from landmark.config import LandmarkConfig
 
@@ -180,3 +183,50 @@ def test_a_pair_that_cannot_be_fitted_is_remembered_and_warned_about_once(net, v
     again = exact(net, tmp_path, consistency="affine", anchors=MIN_ANCHORS - 1)
     assert again.pair_transform(again.embed(volume), again.embed(other)) is None
     assert again.stats["pair_fallbacks"] == 0  # read from the disk cache, not refitted
+
+
+TRUE_MAP = np.array([[1.05, 0.04, 0.0, 6.0], [-0.03, 0.97, 0.02, -11.0], [0.0, 0.05, 1.1, 25.0], [0, 0, 0, 1]])
+
+
+def test_robust_affine_recovers_the_map_from_noisy_matches_with_outliers():
+    rng = np.random.default_rng(1)
+    src = rng.uniform(-100, 100, size=(200, 3))
+    dst = src @ TRUE_MAP[:3, :3].T + TRUE_MAP[:3, 3] + rng.normal(scale=0.5, size=(200, 3))  # 0.5 mm noise
+    bad = rng.choice(200, size=60, replace=False)  # 30 % gross outliers
+    dst[bad] += rng.uniform(30, 80, size=(60, 3)) * rng.choice([-1, 1], size=(60, 3))
+    matrix, residuals = robust_affine(src, dst)
+    corners = np.array(np.meshgrid(*[[-100.0, 100.0]] * 3, indexing="ij")).reshape(3, -1).T
+    err = np.linalg.norm(apply_affine(matrix, corners) - apply_affine(TRUE_MAP, corners), axis=1)
+    assert err.max() < 0.5  # within the noise, even at the corners of the box
+    assert np.median(residuals[np.setdiff1d(np.arange(200), bad)]) < 1.5 and residuals[bad].min() > 20
+
+
+def _grid_embedding(name):
+    """An embedding whose only use here is its grid: 2 mm voxels, every voxel body."""
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-40.0, -30.0, -20.0]
+    return Embedding(fine=torch.zeros(40, 30, 20, 1), coarse=torch.zeros(5, 4, 3, 1), fine_affine=aff,
+                     coarse_affine=aff, source_shape=(40, 30, 20), source_affine=aff, name=name,
+                     body=torch.ones(40, 30, 20, dtype=torch.bool))
+
+
+def test_fit_pair_drops_anchors_that_do_not_come_back_and_recovers_the_map():
+    a, b = _grid_embedding("a"), _grid_embedding("b")
+    rng = np.random.default_rng(0)
+    wrong = set(range(0, 200, 5))  # every 5th anchor is matched somewhere else entirely
+
+    def argmax(src, dst, pts):
+        if src is a:  # A -> B: the true map, 0.1 mm noise, 20 % wrong matches
+            out = apply_affine(TRUE_MAP, pts) + rng.normal(scale=0.1, size=pts.shape)
+            out[sorted(wrong)] = rng.uniform(-60, 60, size=(len(wrong), 3))
+        else:  # B -> A: exact inverse, so only the wrong matches miss their anchor
+            out = apply_affine(np.linalg.inv(TRUE_MAP), pts)
+        return out, np.ones(len(pts))
+
+    tr = fit_pair(a, b, argmax, anchors=200, roundtrip_mm=2.0)
+    assert (tr.inliers, tr.anchors) == (160, 200) and tr.residual_mm < 0.3
+    np.testing.assert_allclose(tr.matrix[:3, :3], TRUE_MAP[:3, :3], atol=2e-3)
+    np.testing.assert_allclose(tr.matrix[:3, 3], TRUE_MAP[:3, 3], atol=0.1)
+    # a round trip that must land exactly on the anchor keeps none of the noisy matches
+    assert fit_pair(a, b, argmax, anchors=200, roundtrip_mm=0.0) is None
+    assert roundtrip_inliers(np.zeros((2, 3)), np.array([[0.0, 0, 0], [0, 0, 1e-9]]), 0.0).tolist() == [True, False]

@@ -8,8 +8,9 @@ from scipy import ndimage
 from alice3d.data.io import Volume, reorient_array
 from alice3d.train.checkpoint import CheckpointError, atomic_save
 from landmark.config import LandmarkConfig, ModelConfig
-from landmark.match import MatchError, Matcher, interp_rows, load_landmark_model, parse_points
+from landmark.match import MatchError, Matcher, load_landmark_model, parse_points
 from landmark.model import build_model, recalibrate_norms
+from landmark.search import cell_upsampling_stencil, interp_rows, ravel_index, upsample_sim
 from landmark.train import save_landmark_model
 
 TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
@@ -180,8 +181,6 @@ def test_single_channel_files_of_the_first_format_still_load(net, volume, tmp_pa
 
 @pytest.mark.parametrize("cshape,factor", [((5,), 4), ((4, 3), 8), ((3, 4, 2), 4)])
 def test_cell_stencil_reproduces_upsampling_inside_every_cell(cshape, factor):
-    from landmark.match import _ravel, cell_upsampling_stencil, upsample_sim
-
     coarse = torch.rand(1, *cshape)
     fine_shape = [c * factor - 1 for c in cshape]  # the last cell is cut, as on real grids
     up = upsample_sim(coarse, factor, fine_shape)[0]
@@ -189,7 +188,7 @@ def test_cell_stencil_reproduces_upsampling_inside_every_cell(cshape, factor):
     for cell in np.ndindex(*cshape):
         c = torch.tensor(cell)
         idx = torch.minimum((c + nb).clamp_min(0), torch.tensor(cshape) - 1)
-        vals = w @ coarse[0].flatten()[_ravel(idx, cshape)]
+        vals = w @ coarse[0].flatten()[ravel_index(idx, cshape)]
         vox = c * factor + offs
         inside = (vox < torch.tensor(fine_shape)).all(1)
         torch.testing.assert_close(vals[inside], up[tuple(vox[inside].T)], atol=1e-6, rtol=0)
@@ -204,3 +203,41 @@ def test_batched_coarse_search_equals_one_query_at_a_time(net, volume, tmp_path)
     ps, ss = single.match(volume, other, pts)
     np.testing.assert_allclose(pb, ps, atol=1e-6)
     np.testing.assert_allclose(sb, ss, atol=1e-6)
+
+
+def test_match_settings_resolve_argument_then_model_file_then_default():
+    from landmark.config import MatchConfig, resolve_match_config
+
+    stored = {"roundtrip_mm": 5.0, "coarse_cells": 64, "fine_weight": 0.7, "from_a_later_version": 1}
+    cfg = resolve_match_config(stored, roundtrip_mm=0.0, fine_weight=0.0, anchors=0)
+    assert (cfg.roundtrip_mm, cfg.fine_weight, cfg.anchors) == (0.0, 0.0, 0)  # explicit zeros win
+    assert cfg.coarse_cells == 64  # no argument: the model file's value
+    assert cfg.chunk_voxels == MatchConfig().chunk_voxels  # neither: the default
+    assert resolve_match_config(stored, roundtrip_mm=None).roundtrip_mm == 5.0
+    assert resolve_match_config(None) == MatchConfig()
+    with pytest.raises(TypeError, match="unknown match settings"):
+        resolve_match_config({}, coarse=3)
+
+
+def test_explicit_zeros_reach_the_search_and_the_fit(net, volume, tmp_path, monkeypatch):
+    """coarse_cells=0, anchors=0 and roundtrip_mm=0.0 are used as given, never replaced by the defaults."""
+    import landmark.consistency
+    from alice3d.config import ConfigError
+
+    cfg = LandmarkConfig()
+    cfg.model = TINY
+    cfg.match.roundtrip_mm, cfg.match.anchors = 7.0, 100  # the model file's values
+    path = save_landmark_model(net, cfg, tmp_path / "landmark.pt")
+    with pytest.raises(ConfigError, match="coarse_cells: expected at least 1, got 0"):
+        Matcher(path, use_cache=False, search="coarse", coarse_cells=0)
+    seen = []
+    original = landmark.consistency.roundtrip_inliers
+    monkeypatch.setattr(landmark.consistency, "roundtrip_inliers",
+                        lambda anchors, back, mm: seen.append((len(anchors), mm)) or original(anchors, back, mm))
+    for roundtrip_mm, anchors, want in ((None, None, (100, 7.0)), (0.0, None, (100, 0.0)), (None, 0, (0, 7.0))):
+        m = Matcher(path, use_cache=False, roundtrip_mm=roundtrip_mm, anchors=anchors, fine_weight=1.0, refine=False)
+        assert (m.anchors, m.roundtrip_mm) == want
+        m.pair_transform(m.embed(volume), m.embed(volume))
+        assert seen.pop() == want
+    # no anchors: nothing to fit, the pair is matched point by point
+    assert m.stats["pair_fallbacks"] == 1 and m.stats["pair_transforms"] == 0
