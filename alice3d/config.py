@@ -19,10 +19,12 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from alice3d.errors import Alice3DError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(Alice3DError, ValueError):
     """A config file or override that does not fit the config schema."""
 
 
@@ -103,14 +105,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} does not fit {tp}")
     if tp is Any:
         return value
@@ -278,6 +279,12 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_ratio(key: str, value: float) -> None:
+    """A fraction strictly between 0 and 1 (mask ratios)."""
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{key}: expected a value in (0, 1), got {value}")
 
 
 def section(factory: Any) -> Any:

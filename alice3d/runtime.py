@@ -1,6 +1,6 @@
-"""Process-level helpers every layer may use: progress reporting (more to come: rank helpers).
+"""Progress reporting every layer may use (the process rank itself lives in `alice3d.core.dist`).
 
-Bottom layer: imports only the standard library and tqdm.
+Bottom layer: imports only the standard library, tqdm and `alice3d.core.dist`.
 
 :class:`Progress` reports a loop of ``total`` items in one of two ways. On a terminal
 (stderr is a TTY) it is a tqdm bar. Otherwise (a log file, a cluster job, a pipe) tqdm
@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO
+
+from alice3d.core.dist import is_main_process
 
 MIN_INTERVAL_S = 10.0  # no two log lines closer than this (a fast loop does not flood the log)
 MAX_INTERVAL_S = 120.0  # a slow loop still says it is alive this often
 FRACTION = 0.1  # otherwise one line per this fraction of the total
 
 _log = logging.getLogger("alice3d.progress")
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _isatty(stream: Any) -> bool:
@@ -71,7 +68,7 @@ class Progress:
                  file: TextIO | None = None, iterable: Iterable[Any] | None = None):
         self.total = None if total is None else int(total)
         self.desc, self.unit, self.initial, self.n = desc, unit, int(initial), int(initial)
-        self.enabled = bool(enabled) and _rank() == 0
+        self.enabled = bool(enabled) and is_main_process()
         self.log = logger or _log
         self.min_interval_s = MIN_INTERVAL_S if min_interval_s is None else float(min_interval_s)
         self.max_interval_s = MAX_INTERVAL_S if max_interval_s is None else float(max_interval_s)

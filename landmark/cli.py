@@ -216,19 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(getattr(args, "verbose", False))
     commands = {"train": cmd_train, "match": cmd_match, "embed": cmd_embed, "cache": cmd_cache}
 
-    def body() -> int:
-        from alice3d.data.io import DataError
-        from landmark.embed_cache import CacheError
-        from landmark.match import MatchError
-        from landmark.pairs import PairError
-
-        try:
-            return commands[args.command](args)
-        except (MatchError, CacheError, PairError, DataError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    run_main(body)
+    run_main(lambda: commands[args.command](args))  # every Alice3DError becomes one "error: ..." line
 
 
 if __name__ == "__main__":

@@ -19,13 +19,42 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from alice3d.config import ConfigError, DataConfig, check_choice
+from alice3d.errors import Alice3DError
+from alice3d.data.builders import load_volumes
 from alice3d.data.crops import crop_at
+from alice3d.data.geometry import apply_affine
+from alice3d.data.report import DataReport
+from alice3d.train.module import BatchDataset
+from landmark.defaults import default_landmark_model
 
 log = logging.getLogger("alice3d.landmark")
 
 
-class PairError(ValueError):
+class PairError(Alice3DError, ValueError):
     """Volumes or settings that cannot produce crop pairs (sizes, geometry, missing sources)."""
+
+
+@dataclass
+class PairsConfig:
+    """Where Alice's (Q, K) crop pairs come from (the `pairs.` section of the pretraining config).
+
+    ``landmark``: the landmark matcher finds the point in K that matches a random body point in
+    Q (the method as published). ``same_position``: a baseline without a matcher that takes the
+    same normalised position in the two volumes' bounding boxes.
+    """
+
+    source: str = "landmark"
+    min_score: float = 0.3
+    max_retries: int = 8
+    # Matcher consistency for pairs. "affine" is far more accurate (README, landmark table) but
+    # fits one affine per new volume pair first (about 1 s on CPU; then cached on disk), which
+    # dominates short runs; crops are wide enough that the per-point argmax's misses overlap.
+    consistency: str = "none"
+
+    def validate(self, prefix: str = "pairs") -> None:
+        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position"])
+        check_choice(f"{prefix}.consistency", self.consistency, ["none", "affine"])
 
 
 @dataclass
@@ -38,10 +67,6 @@ class _Entry:
     hi: np.ndarray
     pad: float
     name: str
-
-
-def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
-    return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
 class PairSampler:
@@ -84,7 +109,7 @@ class PairSampler:
                 body = np.argwhere(np.ones(arr.shape, dtype=bool))
             b_lo, b_hi = body.min(0), body.max(0)
             corners = np.array(np.meshgrid(*zip(b_lo, b_hi), indexing="ij")).reshape(3, -1).T
-            w = _world(v.affine, corners)
+            w = apply_affine(v.affine, corners)
             if len(body) > 50000:
                 body = body[rng.choice(len(body), 50000, replace=False)]
             pad = float(arr.min()) if pad_value is None else float(pad_value)
@@ -144,19 +169,17 @@ class PairSampler:
             sources = [v.path for v in volumes]
         if len(sources) != len(volumes):
             raise PairError(f"sources: expected {len(volumes)} entries (one per volume), got {len(sources)}")
-        from tqdm.auto import tqdm
+        from alice3d.runtime import progress
 
-        out = []
-        for src in tqdm(sources, desc="landmark embeddings", disable=None):
-            out.append(self.matcher.embed(src))
-        return out
+        return [self.matcher.embed(src) for src in progress(list(sources), desc="landmark embeddings",
+                                                            unit="volume", logger=log)]
 
     # ------------------------------------------------------------- sampling
 
     def _query(self, i: int, rng: np.random.Generator) -> np.ndarray:
         e = self.entries[i]
         ijk = e.body[rng.integers(len(e.body))] + rng.uniform(-0.5, 0.5, size=3)
-        return _world(e.affine, ijk[None])[0]
+        return apply_affine(e.affine, ijk[None])[0]
 
     def position_match(self, a: int, b: int, point: np.ndarray) -> np.ndarray:
         """Same normalised position in B's body box as ``point`` has in A's."""
@@ -211,7 +234,7 @@ class PairSampler:
     def crop_around(self, i: int, point_world: np.ndarray) -> np.ndarray:
         """Crop of volume ``i`` whose voxel ``crop // 2`` holds ``point_world``; background-padded."""
         e = self.entries[i]
-        ijk = np.rint(np.asarray(point_world, dtype=np.float64) @ e.inv[:3, :3].T + e.inv[:3, 3]).astype(int)
+        ijk = np.rint(apply_affine(e.inv, point_world)).astype(int)
         return crop_at(e.array, ijk, self.crop, e.pad)
 
 
@@ -221,17 +244,12 @@ def _name(v, i: int) -> str:
 
 
 class PairDataset(Dataset):
-    """Crop pairs deterministic in ``(seed, index)``.
+    """Crop pairs deterministic in ``(seed, index)``: item ``i`` is one pair ``{"q": (1, *crop),
+    "k": (1, *crop), "score", "fallback", "ids", "view_seed"}`` (the trainer batches them;
+    ``view_seed`` seeds this pair's masks and augmentations)."""
 
-    ``batch_size=None``: item ``i`` is one pair ``{"q": (1, *crop), "k": (1, *crop), "score", "fallback",
-    "ids", "view_seed"}`` (the trainer batches them; ``view_seed`` seeds this pair's masks and
-    augmentations). ``batch_size=B``: item ``step`` is a whole batch ``{"q": (B, 1, *crop),
-    "k": (B, 1, *crop), ...}`` (``yields_batches``).
-    """
-
-    def __init__(self, sampler: PairSampler, batch_size: int | None = None, seed: int = 0):
-        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
-        self.yields_batches = batch_size is not None
+    def __init__(self, sampler: PairSampler, seed: int = 0):
+        self.sampler, self.seed = sampler, seed
 
     def __len__(self) -> int:
         return 2**62
@@ -247,10 +265,22 @@ class PairDataset(Dataset):
                 "view_seed": torch.tensor(view_seed)}
 
     def __getitem__(self, i: int) -> dict:
-        if self.batch_size is None:
-            return self._one(int(i))
-        items = [self._one(int(i), j) for j in range(self.batch_size)]
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        return self._one(int(i))
+
+
+class PairBatches(BatchDataset):
+    """Item ``k`` is a whole batch of ``batch_size`` pairs of ``pairs`` ``{"q": (B, 1, *crop), "k": ...}``,
+    pair ``j`` of it drawn from the key ``(k, j)``."""
+
+    def __init__(self, pairs: PairDataset, batch_size: int):
+        self.pairs, self.batch_size = pairs, batch_size
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict:
+        items = [self.pairs._one(int(k), j) for j in range(self.batch_size)]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
 
 
 def build_pair_sampler(volumes: Sequence, landmark: str | os.PathLike | None, crop_size: Sequence[int],
@@ -264,3 +294,29 @@ def build_pair_sampler(volumes: Sequence, landmark: str | os.PathLike | None, cr
         matcher = Matcher(landmark, device=device, memory_items=max(32, len(volumes)))
     return PairSampler(volumes, matcher, crop_size=crop_size, min_score=min_score, max_retries=max_retries,
                        seed=seed, **kwargs)
+
+
+def pair_dataset(data: DataConfig, pairs: PairsConfig, crop_size: Sequence[int], landmark: str = "",
+                 device: str = "cpu", seed: int = 0) -> tuple[PairDataset, DataReport]:
+    """Alice's dataset: landmark-matched (Q, K) crop pairs of the run's volumes, and its data report.
+
+    ``landmark`` = "" with the embedded phantom cohort uses the default phantom matcher (shipped or
+    trained once and cached); with the user's data it is an error that says how to get one.
+    """
+    if len(crop_size) != 3:
+        raise ConfigError("alice.img_size: Alice pairs are 3D crops; expected 3 sizes")
+    vset = load_volumes(data, crop_size, min_volumes=2)
+    if pairs.source == "landmark" and not landmark:
+        if data.data:
+            raise ConfigError(
+                "Alice pairs need a landmark model for your data: train one with "
+                "`alice3d-landmark train --data <same data> --out LM` and pass --landmark LM/landmark.pt "
+                "(or set pairs.source=same_position for the matcher-free baseline)"
+            )
+        landmark = str(default_landmark_model(n=data.phantom_n, seed=data.phantom_seed))
+        log.info("using the default phantom landmark model %s", landmark)
+    sampler = build_pair_sampler(
+        vset.volumes, landmark if pairs.source == "landmark" else None, crop_size=crop_size,
+        min_score=pairs.min_score, max_retries=pairs.max_retries, device=device, consistency=pairs.consistency,
+    )
+    return PairDataset(sampler, seed=seed), DataReport(len(vset.volumes), list(vset.bad))

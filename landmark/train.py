@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from alice3d.config import save_config, to_dict
+from alice3d.train.module import TrainModule
 from landmark.config import LandmarkConfig
 from landmark.loss import landmark_loss
 from landmark.model import LandmarkNet, build_model
@@ -20,7 +20,7 @@ log = logging.getLogger("alice3d.landmark")
 MODEL_KIND = "alice3d-landmark"
 
 
-class LandmarkModule(nn.Module):
+class LandmarkModule(TrainModule):
     """Trainer-facing method: ``forward(batch) -> {"loss", "loss_fine", "loss_coarse", ...}``."""
 
     def __init__(self, cfg: LandmarkConfig):

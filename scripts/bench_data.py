@@ -2,7 +2,7 @@
 
     python scripts/bench_data.py [--landmark RUN/landmark.pt] [--workers 0 1 2] [--json out.json]
 
-Pairs come from the real pretraining data path (``alice3d.cli.pretrain.pair_dataset``:
+Pairs come from the real pretraining data path (``landmark.pairs.pair_dataset``:
 volumes loaded once into memory, landmark embeddings cached on disk, one match per pair,
 crops cut in memory), read through a ``DataLoader`` with the trainer's settings, once per
 worker count. Per-worker figure = total / workers (the main process counts as one worker
@@ -29,7 +29,7 @@ import bench_common as bc
 
 
 def build_config(args):
-    from alice3d.cli.pretrain import PretrainConfig
+    from alice3d.pretrain.config import PretrainConfig
     from alice3d.config import load_config
 
     overrides = [f"alice.img_size={list(args.crop)}", f"data.spacing={list(args.spacing)}",
@@ -42,10 +42,11 @@ def build_config(args):
 
 
 def build_dataset(cfg):
-    from alice3d.cli.pretrain import pair_dataset
+    from landmark.pairs import pair_dataset
 
     start = time.perf_counter()
-    dataset = pair_dataset(cfg, cfg.alice)
+    dataset, _ = pair_dataset(cfg.data, cfg.pairs, cfg.alice.img_size, landmark=cfg.landmark,
+                              device=cfg.train.device, seed=cfg.train.seed)
     return dataset, time.perf_counter() - start
 
 
@@ -102,11 +103,11 @@ def time_training(dataset, cfg, steps: int, workers: int) -> float:
     import tempfile
     from pathlib import Path
 
-    from alice3d.cli.pretrain import METHODS
+    from alice3d.methods import METHODS
     from alice3d.train.trainer import Trainer
 
     torch.manual_seed(0)
-    model = METHODS[cfg.method].build(getattr(cfg, cfg.method))
+    model = METHODS[cfg.method].method(cfg.method_config())
     cfg.train.max_steps, cfg.train.log_every, cfg.train.ckpt_every = steps, 1, 0
     cfg.train.preview_every, cfg.train.num_workers = 0, workers
     with tempfile.TemporaryDirectory() as run:

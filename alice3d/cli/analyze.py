@@ -83,8 +83,10 @@ def cmd_cka(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     import torch
 
-    from alice3d.analysis.previews import save_volume_panels
-    from alice3d.cli.pretrain import METHODS, PretrainConfig
+    from alice3d.viz.slices import save_volume_panels
+    from alice3d.methods import METHODS
+    from alice3d.pretrain.config import PretrainConfig
+    from alice3d.pretrain.run import build_dataset
     from alice3d.config import load_config
     from alice3d.train.checkpoint import load_checkpoint
 
@@ -92,12 +94,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, run / "config.yaml")
     if cfg.method not in METHODS:
         raise SystemExit(f"error: {run / 'config.yaml'}: method {cfg.method!r} is not one of {sorted(METHODS)}")
-    entry, mcfg = METHODS[cfg.method], getattr(cfg, cfg.method)
-    model = entry.build(mcfg)
+    model = METHODS[cfg.method].method(cfg.method_config())
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt", expect_kind="alice3d-checkpoint")
     model.load_state_dict(ckpt["model"])
     model.eval()
-    dataset = entry.dataset(cfg, mcfg)
+    dataset, _ = build_dataset(cfg)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     for k in range(args.n):

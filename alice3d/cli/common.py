@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import re
 import shutil
 import sys
@@ -13,14 +12,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from alice3d.config import ConfigError, load_config, save_config, valid_keys
+from alice3d.core.dist import cleanup_distributed, is_main_process
+from alice3d.errors import Alice3DError
 
 T = TypeVar("T")
 log = logging.getLogger("alice3d")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    level = logging.DEBUG if verbose else (logging.INFO if is_main_process() else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
 
@@ -95,7 +95,7 @@ def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt"
     Only rank 0 checks: under torchrun the other ranks start while rank 0 already writes into it.
     """
     out = Path(out)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         return out
     if resume:
@@ -126,25 +126,16 @@ def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt"
 
 
 def write_resolved_config(cfg: Any, out: Path) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         save_config(cfg, Path(out) / "config.yaml")
 
 
 def run_main(fn: Callable[[], int | None]) -> None:
-    """Run a CLI body, turning expected failures into one clear line and exit code 2."""
-    from alice3d.train.checkpoint import CheckpointError
-    from alice3d.train.trainer import TrainingError
-
-    expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, TrainingError, FileNotFoundError)
-    try:
-        from alice3d.data.validate import DataError
-
-        expected += (DataError,)
-    except ImportError:
-        pass
+    """Run a CLI body, turning expected failures into one clear line and exit code 2; leave the
+    process group (if the body joined one) on the way out."""
     try:
         code = fn()
-    except expected as e:
+    except (Alice3DError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
@@ -153,4 +144,6 @@ def run_main(fn: Callable[[], int | None]) -> None:
         print(f"error: could not write {e.filename or 'a run file'}: the disk is full ({e.strerror}); "
               "free some space, then continue with the same command plus --resume", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cleanup_distributed()
     sys.exit(code or 0)

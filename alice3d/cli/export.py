@@ -40,16 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def export_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from alice3d.bundle.errors import ExportError
     from alice3d.bundle.export import export_bundle
     from alice3d.bundle.metadata import BundleInfo
 
     info = BundleInfo(name=args.name, version=args.version, authors=args.authors, copyright=args.copyright)
-    try:
-        result = export_bundle(args.run, args.out, force=args.force, info=info)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = export_bundle(args.run, args.out, force=args.force, info=info)  # ExportError: run_main prints it
     checked = "validated against docs/meta_schema.json" if result.metadata_validated else \
         "not validated (install jsonschema to check it)"
     print(f"bundle written to {result.bundle}: {result.network}, TorchScript {result.torchscript}, metadata {checked}")

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
+from alice3d.core.dist import is_main_process
 from alice3d.finetune.config import FinetuneConfig
 
 
@@ -71,15 +71,11 @@ def train_main(argv: Sequence[str]) -> int:
     args = _train_parser().parse_intermixed_args(argv)
     setup_logging(args.verbose)
     cfg = resolve_config(FinetuneConfig, args, _flag_overrides(args))
-    if int(os.environ.get("RANK", "0")) == 0:
-        out = prepare_run_dir(args.out, args.resume, marker="config.yaml")
-    else:  # under torchrun only rank 0 checks the folder (it writes into it right away)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run_dir(args.out, args.resume, marker="config.yaml")
     from alice3d.finetune.train import run_finetune
 
     results = run_finetune(cfg, out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     if results is None:
         print(f"stopped early; continue with the same command plus --resume (run in {out})", file=sys.stderr)

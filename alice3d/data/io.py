@@ -22,13 +22,15 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 
+from alice3d.errors import Alice3DError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".img", ".hdr", ".tif", ".tiff")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".mha", ".mhd", ".nrrd", ".nhdr")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class DataError(ValueError):
+class DataError(Alice3DError, ValueError):
     """Unusable input data (file, datalist or array); the message names the file."""
 
 

@@ -20,7 +20,9 @@ from torch.utils.data import Dataset
 
 from alice3d.config import ConfigError
 from alice3d.data.crops import crop_at
-from alice3d.data.io import DataError, Volume
+from alice3d.data.io import IMAGE_SUFFIXES, DataError, Volume
+from alice3d.data.report import DataReport
+from alice3d.data.volumes import load_volume_set, resolve_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -216,32 +218,34 @@ def _seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence((int(seed), int(i))).generate_state(1)[0])
 
 
-def slice_dataset(data: Any, slices: SliceConfig, img_size: Sequence[int], seed: int = 0, channels: int = 1) -> Dataset:
+def slice_dataset(data: Any, slices: SliceConfig, img_size: Sequence[int], seed: int = 0,
+                  channels: int = 1) -> tuple[Dataset, DataReport]:
     """2D dataset from a `DataConfig`: PNG/TIFF images (folder or datalist) or slices of volumes.
 
     `data.data == ""` slices the embedded phantom cohort. A folder is read as 2D images when it
     holds PNG/TIFF files and no volumes; a datalist whose entries are all PNG/TIFF likewise.
     """
-    from alice3d.data.volumes import load_volume_set, resolve_image_paths
-
     slices.validate()
     root = data.data
     if root and Path(root).is_dir():
         images = list_images_2d(root)
         if images and not _has_volumes(root):
             log.info("%d 2D images under %s", len(images), root)
-            return ImageFolderDataset(images, img_size, seed=seed, channels=channels, on_bad_data=data.on_bad_data)
+            return _with_report(ImageFolderDataset(images, img_size, seed=seed, channels=channels,
+                                                   on_bad_data=data.on_bad_data))
     paths = resolve_image_paths(root, data.phantom_n, data.phantom_seed)
     if paths and all(is_image_2d(p) for p in paths):
-        return ImageFolderDataset(paths, img_size, seed=seed, channels=channels, on_bad_data=data.on_bad_data)
+        return _with_report(ImageFolderDataset(paths, img_size, seed=seed, channels=channels,
+                                               on_bad_data=data.on_bad_data))
     vset = load_volume_set(paths, data.spacing, data.hu_window, data.on_bad_data)
     log.info("%s", vset.summary())
     ds = VolumeSliceDataset(vset.volumes, img_size, axis=slices.axis, seed=seed, body_threshold=slices.body_threshold)
-    ds.bad = vset.bad
-    return ds
+    return ds, DataReport(len(vset.volumes), list(vset.bad))
+
+
+def _with_report(ds: "ImageFolderDataset") -> tuple[Dataset, DataReport]:
+    return ds, DataReport(len(ds.paths), list(ds.bad))
 
 
 def _has_volumes(root: str | Path) -> bool:
-    from alice3d.data.io import IMAGE_SUFFIXES
-
     return any(str(p).lower().endswith(IMAGE_SUFFIXES) for p in Path(root).rglob("*") if p.is_file())

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 import alice3d
+from alice3d.encoders.registry import ENCODERS
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 ENCODER_KIND = "alice3d-encoder"
-ARCHS = ("vit", "swin", "nnformer", "resnet")
+ARCHS = tuple(ENCODERS)
 
 
 def encoder_file_metadata(encoder_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -181,6 +181,43 @@ class SwinEncoder(SwinTransformer):
     def _stage_layers(self) -> list[nn.Module]:
         return [self.layers1[0], self.layers2[0], self.layers3[0], self.layers4[0]]
 
+    def forward(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
+        """MONAI's dense forward: ``(B, C_in, *spatial)`` -> five hidden states."""
+        return self._forward_embedded(self.patch_embed(x), normalize)
+
+    def forward_dense_masked(
+        self, x: torch.Tensor, unit_mask: torch.Tensor, mask_token: torch.Tensor, normalize: bool = True
+    ) -> list[torch.Tensor]:
+        """Dense forward with the patch embeddings of masked units replaced by ``mask_token``
+        (SimMIM style: every window sees the full grid). ``unit_mask (B, *unit_grid)`` bool,
+        ``mask_token`` ``embed_dim`` values (any shape, e.g. ``(1, 1, embed_dim)``)."""
+        units = self.unit_grid(x.shape[2:])
+        if unit_mask.dtype != torch.bool or tuple(unit_mask.shape) != (x.shape[0], *units):
+            raise ValueError(
+                f"swin: unit_mask must be bool of shape {(x.shape[0], *units)}, got {unit_mask.dtype} {tuple(unit_mask.shape)}"
+            )
+        x0 = self.patch_embed(x)  # (B, D, *patch_grid)
+        side = 2**NUM_STAGES
+        m = unit_mask.to(x0.device)
+        for axis in range(self.spatial_dims):
+            m = m.repeat_interleave(side, dim=axis + 1)
+        token = mask_token.reshape(1, -1, *([1] * self.spatial_dims)).to(x0.dtype)
+        return self._forward_embedded(torch.where(m[:, None], token, x0), normalize)
+
+    def _forward_embedded(self, x0: torch.Tensor, normalize: bool) -> list[torch.Tensor]:
+        # MONAI's SwinTransformer.forward after its patch embedding (kept line for line so the
+        # dense and dense-masked forwards share one path; a test pins equality with MONAI's).
+        x0 = self.pos_drop(x0)
+        outs = [self.proj_out(x0, normalize)]
+        convs = [self.layers1c, self.layers2c, self.layers3c, self.layers4c] if self.use_v2 else [None] * NUM_STAGES
+        h = x0
+        for layer, conv in zip(self._stage_layers(), convs):
+            if conv is not None:
+                h = conv[0](h.contiguous())
+            h = layer(h.contiguous())
+            outs.append(self.proj_out(h, normalize))
+        return outs
+
     def forward_masked(
         self, x: torch.Tensor, unit_mask: torch.Tensor, normalize: bool = True
     ) -> MaskedSwinOutput:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from alice3d.config import ConfigError
+from alice3d.encoders.registry import encoder_from_args, feature_dim
 from alice3d.finetune.config import CLASSIFIER_ENCODERS, MODELS, ModelConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
 from alice3d.train.checkpoint import CheckpointError
@@ -242,23 +243,6 @@ def network_spec(m: ModelConfig, task: TaskSpec, encoder_meta: dict | None = Non
 # ----------------------------------------------------------------------------- networks
 
 
-def build_encoder(arch: str, args: dict[str, Any]) -> nn.Module:
-    """Our encoder classes (their state dicts are what ``encoder.pt`` holds)."""
-    if arch == "vit":
-        from alice3d.encoders.vit import ViTEncoder
-
-        return ViTEncoder(**args)
-    if arch == "swin":
-        from alice3d.encoders.swin import SwinEncoder
-
-        return SwinEncoder(**args)
-    if arch == "nnformer":
-        from alice3d.encoders.nnformer import NNFormerEncoder
-
-        return NNFormerEncoder(**args)
-    raise ConfigError(f"unknown encoder arch {arch!r}; expected one of {list(SEG_MODEL_OF_ARCH)}")
-
-
 class EncoderClassifier(nn.Module):
     """Encoder -> global average pool of its deepest features -> linear head.
 
@@ -267,14 +251,11 @@ class EncoderClassifier(nn.Module):
 
     def __init__(self, encoder: str, encoder_args: dict[str, Any], num_classes: int) -> None:
         super().__init__()
+        if encoder not in SEG_MODEL_OF_ARCH:
+            raise ConfigError(f"classifier encoder {encoder!r}: expected one of {list(SEG_MODEL_OF_ARCH)}")
         self.arch = encoder
-        self.encoder = build_encoder(encoder, dict(encoder_args))
-        if encoder == "vit":
-            dim = int(encoder_args["hidden_size"])
-        elif encoder == "swin":
-            dim = int(encoder_args["feature_size"]) * 2**SWIN_STAGES
-        else:
-            dim = int(encoder_args["embed_dim"]) * 2 ** (len(encoder_args["depths"]) - 1)
+        self.encoder = encoder_from_args(encoder, encoder_args)
+        dim = feature_dim(encoder, encoder_args)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -334,7 +315,3 @@ def count_parameters(module: nn.Module) -> int:
 def vit_grid(img_size: Sequence[int], patch_size: Any) -> tuple[int, ...]:
     patch = _tuple(patch_size, len(img_size))
     return tuple(int(s) // p for s, p in zip(img_size, patch))
-
-
-def tokens_of(grid: Sequence[int]) -> int:
-    return math.prod(int(g) for g in grid)

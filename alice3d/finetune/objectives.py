@@ -16,6 +16,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from alice3d.finetune.tasks import TaskSpec
+from alice3d.train.module import TrainModule
 
 
 def deep_supervision_weights(n: int, weights: Sequence[float] = ()) -> list[float]:
@@ -36,7 +37,12 @@ def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(label.float(), size=tuple(int(s) for s in size), mode="nearest-exact").to(label.dtype)
 
 
-class SegmentationTask(nn.Module):
+def _has_plain_vit(spec: dict[str, Any]) -> bool:
+    """MONAI's TransformerBlock owns a cross-attention norm that plain ViTs never use; DDP must know."""
+    return spec["name"] == "unetr" or (spec["name"] == "classifier" and spec["args"].get("encoder") == "vit")
+
+
+class SegmentationTask(TrainModule):
     """Segmentation network + DiceCE (softmax, one-hot targets), deep supervision aware."""
 
     def __init__(self, network: nn.Module, spec: dict[str, Any], task: TaskSpec,
@@ -45,6 +51,7 @@ class SegmentationTask(nn.Module):
         self.network = network
         self.spec = spec
         self.task = task
+        self.has_unused_parameters = _has_plain_vit(spec)
         self.ds_weights = tuple(ds_weights)
         self.extra_metadata = dict(extra_metadata or {})
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -86,7 +93,7 @@ class SegmentationTask(nn.Module):
         return {"task": self.task.to_dict(), "network": self.spec, **self.extra_metadata}
 
 
-class ClassificationTask(nn.Module):
+class ClassificationTask(TrainModule):
     """Classifier + cross entropy over ``{"image": (B, C, *S), "label": (B,) int}``."""
 
     def __init__(self, network: nn.Module, spec: dict[str, Any], task: TaskSpec,
@@ -95,6 +102,7 @@ class ClassificationTask(nn.Module):
         self.network = network
         self.spec = spec
         self.task = task
+        self.has_unused_parameters = _has_plain_vit(spec)
         self.extra_metadata = dict(extra_metadata or {})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -152,7 +152,7 @@ def write_segmentation(seg: np.ndarray, image_path: str | Path, out_path: str | 
 
 
 def predict(run: str | Path, image: str | Path, out: str | Path, device: str = "auto") -> Path:
-    from alice3d.train.distributed import resolve_device
+    from alice3d.core.dist import resolve_device
 
     loaded = load_run(run, resolve_device(device))
     seg, affine = segment_file(loaded, image)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from alice3d.config import save_config
+from alice3d.core.dist import is_main_process
 from alice3d.finetune.config import FinetuneConfig
 from alice3d.finetune.data import Prepared, Split, TrainSamples, case_store, load_lists, make_splits, prepare_cases
 from alice3d.finetune.evaluate import (evaluate_classification, evaluate_segmentation, flat_metrics,
@@ -35,10 +35,6 @@ class Encoder:
     path: str
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -88,7 +84,7 @@ def build_objective(cfg: FinetuneConfig, task: TaskSpec, encoder: Encoder | None
     report = None
     if encoder is not None and cfg.model.init == "pretrained":
         report = transfer_encoder(net, spec, encoder.state_dict, encoder.meta, encoder.path)
-        if _is_main():
+        if is_main_process():
             print(report.format(), flush=True)
     elif encoder is not None:
         log.info("model.init=random: architecture from %s, weights randomly initialised (seed %d)",
@@ -155,7 +151,7 @@ def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, 
     on_bad = cfg.data.on_bad_data
     train_ok, bad_train = prepare_cases(split.train, task, on_bad, "training")
     val_ok, bad_val = prepare_cases(split.val, task, on_bad, "validation")
-    if _is_main():  # only now: a start that fails on its data leaves nothing behind
+    if is_main_process():  # only now: a start that fails on its data leaves nothing behind
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "data_report.json").write_text(json.dumps(
             {"bad_training_cases": bad_train, "bad_validation_cases": bad_val,
@@ -186,11 +182,8 @@ def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, 
                     e.pop("predictions", None)
         return flat
 
-    # MONAI's TransformerBlock owns a cross-attention norm that plain ViTs never use; DDP must know.
-    spec = objective.spec
-    uses_vit = spec["name"] == "unetr" or (spec["name"] == "classifier" and spec["args"]["encoder"] == "vit")
     trainer = Trainer(objective, cfg.train, run_dir, full_config=cfg, optimizer=optimizer, scheduler=scheduler,
-                      evaluator=evaluator, best_metric=best_metric, best_mode="max", find_unused_parameters=uses_vit)
+                      evaluator=evaluator, best_metric=best_metric, best_mode="max")
     result = trainer.fit(dataset, resume=resume)
     if result.interrupted or not trainer.dist.is_main:
         return None
@@ -282,7 +275,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False) -> 
     splits = make_splits(lists, cfg.data, source)
     if len(splits) == 1 and (not cfg.data.kfold or cfg.data.fold >= 0):
         return run_split(cfg, task, splits[0], out, resume, encoder)
-    if _is_main():
+    if is_main_process():
         save_config(cfg, out / "config.yaml")
     results = []
     for split in splits:
@@ -298,7 +291,7 @@ def run_finetune(cfg: FinetuneConfig, out: str | Path, resume: bool = False) -> 
         if r is None:
             return None
         results.append(r)
-    if not _is_main():
+    if not is_main_process():
         return None
     pooled = pooled_results(task, results, cfg.data.kfold)
     write_results(out, pooled)

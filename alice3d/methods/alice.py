@@ -31,7 +31,7 @@ Choices where the paper leaves room (one line each):
   scaled so that random unit vectors give about 1; it goes to 0 on collapse).
 - Backbones (`encoder`): vit_* (tokens = patches), swin_* (tokens = the last stage, one per
   32^3-voxel unit) and nnformer* (tokens = the last stage, one per total-stride unit), behind
-  the adapters of `alice3d.methods.backbones`; the masking and norm-pix reconstruction unit is
+  the token interface of `alice3d.encoders.tokens`; the masking and norm-pix reconstruction unit is
   the token's footprint, so the pixel head predicts prod(unit) * in_channels values per token.
 - A loss weight of 0 removes the term and the modules only it needs (no target network when
   w_inter = w_intra = 0, no CASA when w_intra = 0, no pixel head when w_rec = 0), so every
@@ -49,16 +49,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alice3d.config import ConfigError
+from alice3d.config import ConfigError, check_ratio
 from alice3d.core.ema import cosine_momentum, ema_update, make_target
 from alice3d.core.heads import PredictorMLP, ProjectionHead
 from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine
 from alice3d.core.masking import random_masking
 from alice3d.core.patches import patchify
-from alice3d.methods.backbones import build_backbone, validate_backbone_config
+from alice3d.encoders.backbone import BackboneConfig, build_backbone
+from alice3d.methods.base import PretrainMethod, check_images, encoder_export
 from alice3d.methods.casa import CASA
-from alice3d.methods.decoder import MAEDecoder
-from alice3d.methods.mae import check_images, encoder_export, reconstruction_panels
+from alice3d.methods.decoder import MAEDecoder, check_decoder
+from alice3d.methods.mae import reconstruction_panels
 from alice3d.methods.views import (
     AliceViews, StrongAugConfig, make_alice_views, make_seeded_alice_views, strong_augment,
 )
@@ -69,15 +70,11 @@ SIMILARITIES = ("cosine", "infonce", "dino")
 
 
 @dataclass
-class AliceConfig:
+class AliceConfig(BackboneConfig):
     """Alice model. Defaults follow the paper (ViT-B, crop 192x192x64, mask 0.75, negative cosine)."""
 
-    encoder: str = "vit_b"  # a preset of vit_configs, swin_configs or nnformer_configs
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: tuple[int, ...] = (192, 192, 64)  # crop size of Q and K
-    patch_size: int = 16  # ViT only; Swin / nnFormer units follow from the encoder (encoder_kwargs)
-    spatial_dims: int = 3
-    in_channels: int = 1
+    pos_embed_trainable: bool = True
     mask_ratio: float = 0.75
     decoder_dim: int = 384  # divisible by 2 * spatial_dims (sin-cos) and by decoder_heads
     decoder_depth: int = 8
@@ -99,13 +96,12 @@ class AliceConfig:
     norm_pix: bool = True
     ema_base: float = 0.996
     ema_final: float = 1.0
-    pos_embed_trainable: bool = True
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
 
-    def validate(self, prefix: str = "model") -> None:
-        validate_backbone_config(self, prefix)
+    def validate(self, prefix: str = "alice") -> None:
+        self.validate_backbone(prefix, needs={"visible"}, method="Alice")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
+        check_decoder(self, prefix)
         if self.similarity not in SIMILARITIES:
             raise ConfigError(f"{prefix}.similarity: expected one of {list(SIMILARITIES)}, got {self.similarity!r}")
         weights = {"w_rec": self.w_rec, "w_inter": self.w_inter, "w_intra": self.w_intra}
@@ -132,7 +128,7 @@ class AliceConfig:
             raise ConfigError(str(e)) from None
 
 
-class Alice(nn.Module):
+class Alice(PretrainMethod):
     """Online encoder + decoder + phi (+ CASA), EMA target encoder + psi; see the module docstring."""
 
     def __init__(self, cfg: AliceConfig | None = None) -> None:
@@ -183,7 +179,7 @@ class Alice(nn.Module):
 
     @property
     def encoder(self) -> nn.Module:
-        """The online encoder E_s (the one that is kept after pretraining), as a backbone adapter."""
+        """The online encoder E_s (the one that is kept after pretraining), a token encoder."""
         return self.online["encoder"]
 
     def train(self, mode: bool = True) -> Alice:

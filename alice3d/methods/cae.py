@@ -14,7 +14,7 @@ Loss = loss_rec + align_weight * loss_align. Batch: `{"image": (B, C, *img_size)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,27 +23,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, TransformerBlock
 
-from alice3d.config import ConfigError
+from alice3d.config import ConfigError, check_ratio
 from alice3d.core.ema import ema_update, make_target
 from alice3d.core.losses import masked_mse
 from alice3d.core.masking import MaskInfo, block_masking, gather_tokens, merge_tokens
 from alice3d.core.patches import patchify
 from alice3d.core.pos_embed import sincos_pos_embed
-from alice3d.methods.mae import build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+from alice3d.encoders.backbone import BackboneConfig, build_backbone
+from alice3d.encoders.vit import freeze_unused_cross_attn_norms
+from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.decoder import check_decoder
+from alice3d.methods.mae import reconstruction_panels
 
 __all__ = ["CAEConfig", "CAE", "CrossAttentionBlock", "LatentRegressor", "MaskedDecoder"]
 
 
 @dataclass
-class CAEConfig:
-    """CAE pretraining model. The regressor works at the encoder width with `regressor_heads` heads."""
+class CAEConfig(BackboneConfig):
+    """CAE pretraining model (ViT: the regressor's queries use its absolute position table).
+    The regressor works at the encoder width with `regressor_heads` heads."""
 
-    encoder: str = "vit_b"
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: tuple[int, ...] = (96, 96, 96)
-    patch_size: int = 16
-    spatial_dims: int = 3
-    in_channels: int = 1
     mask_ratio: float = 0.5
     min_block: int = 16  # BEiT block masking: at least this many patches per block
     regressor_depth: int = 4
@@ -54,12 +53,12 @@ class CAEConfig:
     align_weight: float = 2.0  # lambda
     target_momentum: float = 0.0  # 0: the current encoder under stop-gradient (the public code)
     norm_pix: bool = True
-    pos_embed_trainable: bool = False
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
 
-    def validate(self, prefix: str = "model") -> None:
-        validate_backbone(self, prefix)
+    def validate(self, prefix: str = "cae") -> None:
+        # The mask queries carry the masked patches' absolute positions (the ViT's table).
+        self.validate_backbone(prefix, needs={"visible", "abs_pos"}, method="CAE")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
+        check_decoder(self, prefix)
         if self.regressor_depth < 1:
             raise ConfigError(f"{prefix}.regressor_depth: expected >= 1, got {self.regressor_depth}")
         if self.align_weight < 0:
@@ -147,6 +146,7 @@ class MaskedDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(decoder_dim, 4 * decoder_dim, num_heads, qkv_bias=True) for _ in range(depth)
         )
+        freeze_unused_cross_attn_norms(self.blocks)  # else DDP waits for their gradients forever
         self.norm = nn.LayerNorm(decoder_dim)
         self.pred = nn.Linear(decoder_dim, out_dim)
 
@@ -158,14 +158,14 @@ class MaskedDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class CAE(nn.Module):
+class CAE(PretrainMethod):
     """Context autoencoder; `forward(batch)` -> `{"loss", "loss_rec", "loss_align"}`."""
 
     def __init__(self, cfg: CAEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or CAEConfig()
         cfg.validate()
-        self.encoder = build_encoder(cfg)
+        self.encoder = build_backbone(cfg)
         dim = self.encoder.hidden_size
         heads = cfg.regressor_heads or self.encoder.num_heads
         self.regressor = LatentRegressor(dim, cfg.regressor_depth, heads)
@@ -219,7 +219,7 @@ class CAE(nn.Module):
             ema_update(self.target, self.encoder, self.cfg.target_momentum)
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return encoder_export(self.encoder, "cae")
+        return encoder_export(self.encoder.net, "cae")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:

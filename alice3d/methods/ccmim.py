@@ -14,35 +14,30 @@ Batch: `{"image": (B, C, *img_size)}`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from alice3d.config import ConfigError, check_choice
+from alice3d.config import ConfigError, check_choice, check_ratio
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.losses import info_nce, masked_mse, negative_cosine
 from alice3d.core.masking import MaskInfo, importance_masking
 from alice3d.core.patches import patchify
+from alice3d.encoders.backbone import BackboneConfig, build_backbone, with_cls_token
 from alice3d.encoders.vit import ViTEncoder
-from alice3d.methods.decoder import MAEDecoder
-from alice3d.methods.mae import build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.decoder import MAEDecoder, check_decoder
+from alice3d.methods.mae import reconstruction_panels
 
 __all__ = ["CCMIMConfig", "CCMIM", "cls_attention_scores"]
 
 
 @dataclass
-class CCMIMConfig:
-    """ccMIM pretraining model (the encoder always gets a CLS token)."""
+class CCMIMConfig(BackboneConfig):
+    """ccMIM pretraining model (ViT only: the masking reads the CLS token's attention)."""
 
-    encoder: str = "vit_b"
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: tuple[int, ...] = (96, 96, 96)
-    patch_size: int = 16
-    spatial_dims: int = 3
-    in_channels: int = 1
     mask_ratio: float = 0.75
     noise_scale: float = 0.5  # relative to the score range; large = random masking
     decoder_dim: int = 384
@@ -55,12 +50,12 @@ class CCMIMConfig:
     proj_dim: int = 256
     gather_negatives: bool = True  # all-gather the masked CLS keys across ranks
     norm_pix: bool = True
-    pos_embed_trainable: bool = False
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
 
-    def validate(self, prefix: str = "model") -> None:
-        validate_backbone(self, prefix)
+    def validate(self, prefix: str = "ccmim") -> None:
+        # Importance masking ranks patches by the CLS token's attention: Swin / nnFormer have neither.
+        self.validate_backbone(prefix, needs={"visible", "cls"}, method="ccMIM")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
+        check_decoder(self, prefix)
         check_choice(f"{prefix}.contrast", self.contrast, ["infonce", "simsiam"])
         if self.noise_scale < 0:
             raise ConfigError(f"{prefix}.noise_scale: expected >= 0, got {self.noise_scale}")
@@ -96,7 +91,7 @@ def cls_attention_scores(encoder: ViTEncoder, x: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-class CCMIM(nn.Module):
+class CCMIM(PretrainMethod):
     """`forward(batch)` -> `{"loss", "loss_rec", "loss_con", "masked_score_gap"}`.
 
     `masked_score_gap` is the mean normalised score of masked minus visible patches (a
@@ -107,7 +102,7 @@ class CCMIM(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or CCMIMConfig()
         cfg.validate()
-        self.encoder = build_encoder(replace(cfg, encoder_kwargs={**cfg.encoder_kwargs, "cls_token": True}))
+        self.encoder = build_backbone(with_cls_token(cfg))
         dim = self.encoder.hidden_size
         self.decoder = MAEDecoder.for_encoder(self.encoder, cfg, encoder_dim=dim)
         # BN projector as in the public code; the predictor only exists for SimSiam.
@@ -144,10 +139,6 @@ class CCMIM(nn.Module):
             "loss_con": loss_con.detach(),
             "masked_score_gap": _score_gap(scores, masking.mask),
         }
-
-    def update_target(self, step: int, max_steps: int) -> None:
-        """ccMIM has no target network (the masked branch is the current encoder under stop-gradient)."""
-        return None
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The CLS token only serves the contrastive head: it is left out so the weights load into UNETR.vit."""

@@ -26,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 
-from alice3d.config import ConfigError
+from alice3d.config import ConfigError, check_ratio
 from alice3d.core.masking import MaskInfo, mask_to_image, random_masking
-from alice3d.encoders.resnet import ResNetEncoder, build_resnet, insert_stem_mask_token, resnet_configs
+from alice3d.encoders.backbone import BackboneConfig, build_backbone
+from alice3d.encoders.resnet import ResNetEncoder, insert_stem_mask_token
+from alice3d.methods.base import PretrainMethod, encoder_export
 from alice3d.methods.views import StrongAugConfig, affine_warp, random_affine
 
 __all__ = [
@@ -52,14 +54,11 @@ def _convmim_aug() -> StrongAugConfig:
 
 
 @dataclass
-class ConvMIMConfig:
-    """ConvMIM pretraining model. `aug` draws t1 and t2 (rotation, zoom, flips) and c (intensity)."""
+class ConvMIMConfig(BackboneConfig):
+    """ConvMIM pretraining model (a resnet* encoder). `aug` draws t1 and t2 (rotation, zoom,
+    flips) and c (intensity). `encoder_kwargs` e.g. `{widths: [16, 32, 64, 128]}`."""
 
-    backbone: str = "resnet18"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {widths: [16, 32, 64, 128]}
-    img_size: tuple[int, ...] = (96, 96, 96)
-    spatial_dims: int = 3
-    in_channels: int = 1
+    encoder: str = "resnet18"
     mask_ratio: float = 0.7
     mask_patch: int = 0  # 0: default_mask_patch(spatial_dims); a multiple of the stem stride 4
     feature_dim: int = 128  # width of the summed multi-scale feature
@@ -69,16 +68,9 @@ class ConvMIMConfig:
     def resolved_mask_patch(self) -> int:
         return self.mask_patch or default_mask_patch(self.spatial_dims)
 
-    def validate(self, prefix: str = "model") -> None:
-        if self.backbone not in resnet_configs:
-            raise ConfigError(f"{prefix}.backbone: expected one of {sorted(resnet_configs)}, got {self.backbone!r}")
-        unknown = set(self.backbone_kwargs) - {"layers", "widths"}
-        if unknown:
-            raise ConfigError(f"{prefix}.backbone_kwargs: unknown keys {sorted(unknown)}; expected layers and/or widths")
-        if self.spatial_dims not in (2, 3):
-            raise ConfigError(f"{prefix}.spatial_dims: expected 2 or 3, got {self.spatial_dims}")
-        if len(self.img_size) != self.spatial_dims:
-            raise ConfigError(f"{prefix}.img_size: expected {self.spatial_dims} sizes, got {list(self.img_size)}")
+    def validate(self, prefix: str = "convmim") -> None:
+        # The [MASK] token goes into a conv stem and information flows densely through it.
+        self.validate_backbone(prefix, needs={"conv"}, method="ConvMIM")
         patch = self.resolved_mask_patch()
         if patch % ResNetEncoder.stem_stride:
             raise ConfigError(f"{prefix}.mask_patch: {patch} must be a multiple of the stem stride 4")
@@ -88,8 +80,7 @@ class ConvMIMConfig:
                 f"{prefix}.img_size: {list(self.img_size)} must be multiples of the backbone stride {stride} "
                 f"and of mask_patch={patch}"
             )
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"{prefix}.mask_ratio: expected a value in (0, 1), got {self.mask_ratio}")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
         if self.feature_dim < 1 or self.decoder_dim < 1:
             raise ConfigError(f"{prefix}.feature_dim / decoder_dim: expected >= 1, got {self.feature_dim} / {self.decoder_dim}")
         try:
@@ -125,7 +116,7 @@ def _pixel_shuffle(x: torch.Tensor, factor: int, channels: int) -> torch.Tensor:
     return x.permute(*order).reshape(b, channels, *(g * factor for g in grid))
 
 
-class ConvMIM(nn.Module):
+class ConvMIM(PretrainMethod):
     """`forward(batch)` -> `{"loss", "loss_rec"}`."""
 
     def __init__(self, cfg: ConvMIMConfig | None = None) -> None:
@@ -134,13 +125,13 @@ class ConvMIM(nn.Module):
         cfg.validate()
         nd = cfg.spatial_dims
         self.mask_patch = cfg.resolved_mask_patch()
-        self.backbone = build_resnet(cfg.backbone, spatial_dims=nd, in_channels=cfg.in_channels, **cfg.backbone_kwargs)
-        widths = self.backbone.widths
+        self.encoder: ResNetEncoder = build_backbone(cfg)
+        widths = self.encoder.widths
         self.mask_token = nn.Parameter(torch.zeros(1, widths[0], *([1] * nd)))
         nn.init.normal_(self.mask_token, std=0.02)
         conv = Conv[Conv.CONV, nd]
         self.proj = nn.ModuleList(conv(w, cfg.feature_dim, kernel_size=1) for w in widths)
-        out_stride = self.backbone.stage_strides[0]
+        out_stride = self.encoder.stage_strides[0]
         self.decoder = nn.Sequential(
             conv(cfg.feature_dim, cfg.decoder_dim, kernel_size=3, padding=1),
             Norm[Norm.BATCH, nd](cfg.decoder_dim),
@@ -175,13 +166,13 @@ class ConvMIM(nn.Module):
     def stem_with_mask(self, xq: torch.Tensor, mask: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Zero the masked pixels, run the stem, put the [MASK] token at the masked stem cells."""
         hidden = mask_to_image(mask, grid, self.mask_patch).to(xq.dtype)
-        h = self.backbone.stem(xq * (1 - hidden))
-        stem_mask = mask_to_image(mask, grid, self.mask_patch // self.backbone.stem_stride).bool()
+        h = self.encoder.stem(xq * (1 - hidden))
+        stem_mask = mask_to_image(mask, grid, self.mask_patch // self.encoder.stem_stride).bool()
         return insert_stem_mask_token(h, stem_mask, self.mask_token)
 
     def predict(self, h: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
         """Stem output (t1 frame) -> reconstruction of x_k `(B, C, *S)` in the t2 frame."""
-        feats = self.backbone.forward_stages(h)
+        feats = self.encoder.forward_stages(h)
         size = feats[0].shape[2:]
         fused = 0
         for f, proj in zip(feats, self.proj):
@@ -219,14 +210,9 @@ class ConvMIM(nn.Module):
 
     # ------------------------------------------------------------------ contract
 
-    def update_target(self, step: int, max_steps: int) -> None:
-        """ConvMIM has no target network."""
-        return None
-
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Backbone weights (load strict into `monai.networks.nets.ResNet(**metadata['monai_resnet'])`)."""
-        state = {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
-        return state, {**self.backbone.metadata(), "method": "convmim"}
+        """Encoder weights (load strict into `monai.networks.nets.ResNet(**metadata['monai_resnet'])`)."""
+        return encoder_export(self.encoder, "convmim")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:

@@ -9,11 +9,21 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import TransformerBlock
 
+from alice3d.config import ConfigError
 from alice3d.core.masking import insert_mask_tokens
 from alice3d.core.pos_embed import sincos_pos_embed
 from alice3d.encoders.vit import freeze_unused_cross_attn_norms
 
-__all__ = ["MAEDecoder"]
+__all__ = ["MAEDecoder", "check_decoder"]
+
+
+def check_decoder(cfg, prefix: str) -> None:
+    """ConfigError unless `cfg.decoder_dim` suits the sin-cos embedding and `cfg.decoder_heads`."""
+    if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % (2 * cfg.spatial_dims):
+        raise ConfigError(
+            f"{prefix}.decoder_dim: {cfg.decoder_dim} must be divisible by decoder_heads={cfg.decoder_heads} "
+            f"and by 2 * spatial_dims = {2 * cfg.spatial_dims} (sin-cos position embedding)"
+        )
 
 
 class MAEDecoder(nn.Module):

@@ -1,123 +1,44 @@
-"""MAE baseline (He et al.) in 2D and 3D, plus the pieces the other MIM methods reuse.
+"""MAE baseline (He et al.) in 2D and 3D, plus the reconstruction panels the other MIM methods reuse.
 
-Random masking (argsort of noise), ViT encoder on the visible tokens only, lightweight
+Random masking (argsort of noise), encoder on the visible tokens only, lightweight
 transformer decoder with mask tokens, MSE on the masked patches against per-patch
-normalised pixels (norm-pix). Batch: `{"image": (B, C, *img_size)}` floats.
+normalised pixels (norm-pix). Any encoder with a visible-only forward works (ViT patches,
+Swin / nnFormer mask units; see `encoders.registry`). Batch: `{"image": (B, C, *img_size)}`.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from alice3d.config import ConfigError
+from alice3d.config import check_ratio
 from alice3d.core.losses import masked_mse
 from alice3d.core.masking import MaskInfo, mask_to_image, random_masking
 from alice3d.core.patches import as_tuple, patchify, unpatchify
-from alice3d.encoders.vit import ViTEncoder, build_vit, vit_configs
-from alice3d.methods.decoder import MAEDecoder
+from alice3d.encoders.backbone import BackboneConfig, build_backbone
+from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.decoder import MAEDecoder, check_decoder
 
-__all__ = [
-    "MAEConfig",
-    "MAE",
-    "build_encoder",
-    "check_images",
-    "validate_backbone",
-    "reconstruction_panels",
-    "encoder_export",
-]
-
-# ViTEncoder arguments a config may set through `encoder_kwargs`; the rest come from the config.
-_ENCODER_KWARGS = set(inspect.signature(ViTEncoder.__init__).parameters) - {
-    "self", "img_size", "patch_size", "in_channels", "spatial_dims",
-}
+__all__ = ["MAEConfig", "MAE", "reconstruction_panels"]
 
 
 @dataclass
-class MAEConfig:
+class MAEConfig(BackboneConfig):
     """MAE pretraining model. `encoder_kwargs` override the preset (e.g. `{num_layers: 2}`)."""
 
-    encoder: str = "vit_b"
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: tuple[int, ...] = (96, 96, 96)
-    patch_size: int = 16
-    spatial_dims: int = 3
-    in_channels: int = 1
     mask_ratio: float = 0.75
     decoder_dim: int = 384  # divisible by 2 * spatial_dims (sin-cos) and by decoder_heads
     decoder_depth: int = 8
     decoder_heads: int = 12
     norm_pix: bool = True
-    pos_embed_trainable: bool = False  # MAE keeps the sin-cos embedding fixed (still saved)
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
 
-    def validate(self, prefix: str = "model") -> None:
-        validate_backbone(self, prefix)
-
-
-def validate_backbone(cfg: Any, prefix: str = "model") -> None:
-    """Checks shared by the ViT-based MIM configs; raises ConfigError naming the key."""
-    if cfg.encoder not in vit_configs:
-        raise ConfigError(f"{prefix}.encoder: expected one of {sorted(vit_configs)}, got {cfg.encoder!r}")
-    unknown = set(cfg.encoder_kwargs) - _ENCODER_KWARGS
-    if unknown:
-        raise ConfigError(
-            f"{prefix}.encoder_kwargs: unknown keys {sorted(unknown)}; expected some of {sorted(_ENCODER_KWARGS)}"
-        )
-    if cfg.spatial_dims not in (2, 3):
-        raise ConfigError(f"{prefix}.spatial_dims: expected 2 or 3, got {cfg.spatial_dims}")
-    if len(cfg.img_size) != cfg.spatial_dims:
-        raise ConfigError(
-            f"{prefix}.img_size: expected {cfg.spatial_dims} sizes (spatial_dims={cfg.spatial_dims}), got {list(cfg.img_size)}"
-        )
-    if any(s % cfg.patch_size or s < cfg.patch_size for s in cfg.img_size):
-        raise ConfigError(
-            f"{prefix}.img_size: {list(cfg.img_size)} must be positive multiples of patch_size={cfg.patch_size}"
-        )
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        raise ConfigError(f"{prefix}.mask_ratio: expected a value in (0, 1), got {cfg.mask_ratio}")
-    if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % (2 * cfg.spatial_dims):
-        raise ConfigError(
-            f"{prefix}.decoder_dim: {cfg.decoder_dim} must be divisible by decoder_heads={cfg.decoder_heads} "
-            f"and by 2 * spatial_dims = {2 * cfg.spatial_dims} (sin-cos position embedding)"
-        )
-
-
-def build_encoder(cfg: Any) -> ViTEncoder:
-    """ViT from a MIM config (`encoder`, `encoder_kwargs`, sizes and the attention/memory flags)."""
-    kwargs = dict(
-        pos_embed_trainable=cfg.pos_embed_trainable,
-        use_flash_attention=cfg.use_flash_attention,
-        grad_checkpointing=cfg.grad_checkpointing,
-    )
-    kwargs.update(cfg.encoder_kwargs)
-    return build_vit(
-        cfg.encoder,
-        tuple(cfg.img_size),
-        spatial_dims=cfg.spatial_dims,
-        in_channels=cfg.in_channels,
-        patch_size=cfg.patch_size,
-        **kwargs,
-    )
-
-
-def check_images(batch: Any, key: str, encoder: ViTEncoder) -> torch.Tensor:
-    """`batch[key]` as a float tensor `(B, C, *img_size)`, or a ValueError naming the key."""
-    if not isinstance(batch, dict) or key not in batch:
-        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"batch: expected a dict with key '{key}', got {found}")
-    x = batch[key]
-    expected = (encoder.in_channels, *encoder.img_size)
-    if not torch.is_tensor(x) or x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise ValueError(f"batch['{key}']: expected a tensor (B, {', '.join(map(str, expected))}), got {shape}")
-    return x if x.is_floating_point() else x.float()
+    def validate(self, prefix: str = "mae") -> None:
+        self.validate_backbone(prefix, needs={"visible"}, method="MAE")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
+        check_decoder(self, prefix)
 
 
 def reconstruction_panels(
@@ -148,26 +69,19 @@ def reconstruction_panels(
     return {name: t[0, 0].detach().cpu().numpy().astype(np.float32) for name, t in panels.items()}
 
 
-def encoder_export(encoder: ViTEncoder, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict loadable into UNETR(...).vit, metadata) for encoder.pt."""
-    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-    return state, {**encoder.metadata(), "method": method}
-
-
-class MAE(nn.Module):
+class MAE(PretrainMethod):
     """Masked autoencoder; `forward(batch)` -> `{"loss", "loss_rec"}`."""
 
     def __init__(self, cfg: MAEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or MAEConfig()
         cfg.validate()
-        self.encoder = build_encoder(cfg)
+        self.encoder = build_backbone(cfg)
         self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)
 
     def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
         """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from the visible tokens."""
-        latent = self.encoder(x, ids_keep=masking.ids_keep)
-        return self.decoder(latent, masking.ids_restore)[1]
+        return self.decoder(self.encoder.encode_visible(x, masking), masking.ids_restore)[1]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x = check_images(batch, "image", self.encoder)
@@ -176,12 +90,8 @@ class MAE(nn.Module):
         loss = masked_mse(pred, patchify(x, self.encoder.patch_size), masking.mask, norm_pix=self.cfg.norm_pix)
         return {"loss": loss, "loss_rec": loss.detach()}
 
-    def update_target(self, step: int, max_steps: int) -> None:
-        """MAE has no target network."""
-        return None
-
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return encoder_export(self.encoder, "mae")
+        return encoder_export(self.encoder.net, "mae")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:

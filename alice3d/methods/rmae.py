@@ -18,7 +18,7 @@ symmetrised. Batch for both: `{"image": (B, C, *img_size)}`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,15 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alice3d.config import ConfigError
+from alice3d.config import ConfigError, check_ratio
 from alice3d.core.ema import cosine_momentum, ema_update, make_target
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.losses import info_nce, masked_mse
 from alice3d.core.masking import MaskInfo, gather_tokens, mask_to_image, masking_from_mask, random_masking
 from alice3d.core.patches import patchify
 from alice3d.methods.convmim import intensity_jitter
-from alice3d.methods.decoder import MAEDecoder
-from alice3d.methods.mae import MAEConfig, build_encoder, check_images, encoder_export, reconstruction_panels, validate_backbone
+from alice3d.encoders.backbone import BackboneConfig, build_backbone
+from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.decoder import MAEDecoder, check_decoder
+from alice3d.methods.mae import reconstruction_panels
 
 __all__ = ["RMAEConfig", "RMAE", "CMAEConfig", "CMAE", "complement"]
 
@@ -48,15 +50,9 @@ def complement(masking: MaskInfo) -> MaskInfo:
 
 
 @dataclass
-class RMAEConfig:
-    """R-MAE pretraining model (MAE's backbone fields plus the siamese loss weights)."""
+class RMAEConfig(BackboneConfig):
+    """R-MAE pretraining model (MAE's fields plus the siamese loss weights)."""
 
-    encoder: str = "vit_b"
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: tuple[int, ...] = (96, 96, 96)
-    patch_size: int = 16
-    spatial_dims: int = 3
-    in_channels: int = 1
     mask_ratio: float = 0.75
     decoder_dim: int = 384
     decoder_depth: int = 8
@@ -64,29 +60,28 @@ class RMAEConfig:
     ae_weight: float = 1.0  # lambda of the autoencoding constraint
     stop_grad_target: bool = True  # the complementary branch learns from the AE term only
     norm_pix: bool = True
-    pos_embed_trainable: bool = False
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
 
-    def validate(self, prefix: str = "model") -> None:
-        validate_backbone(self, prefix)
+    def validate(self, prefix: str = "rmae") -> None:
+        self.validate_backbone(prefix, needs={"visible"}, method="R-MAE")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
+        check_decoder(self, prefix)
         if self.ae_weight < 0:
             raise ConfigError(f"{prefix}.ae_weight: expected >= 0, got {self.ae_weight}")
 
 
-class RMAE(nn.Module):
+class RMAE(PretrainMethod):
     """`forward(batch)` -> `{"loss", "loss_match", "loss_ae", "loss_rec"}` (loss_rec: MAE's loss, a diagnostic)."""
 
     def __init__(self, cfg: RMAEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or RMAEConfig()
         cfg.validate()
-        self.encoder = build_encoder(cfg)
+        self.encoder = build_backbone(cfg)
         self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)
 
     def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
-        """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from `masking.ids_keep`."""
-        return self.decoder(self.encoder(x, ids_keep=masking.ids_keep), masking.ids_restore)[1]
+        """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from the visible units of `masking`."""
+        return self.decoder(self.encoder.encode_visible(x, masking), masking.ids_restore)[1]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x = check_images(batch, "image", self.encoder)
@@ -107,12 +102,8 @@ class RMAE(nn.Module):
             "loss_rec": loss_rec.detach(),
         }
 
-    def update_target(self, step: int, max_steps: int) -> None:
-        """R-MAE has no target network."""
-        return None
-
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return encoder_export(self.encoder, "rmae")
+        return encoder_export(self.encoder.net, "rmae")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:
@@ -130,15 +121,9 @@ class RMAE(nn.Module):
 
 
 @dataclass
-class CMAEConfig:
-    """C-MAE pretraining model."""
+class CMAEConfig(BackboneConfig):
+    """C-MAE pretraining model (any encoder with a dense mask-token forward)."""
 
-    encoder: str = "vit_b"
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: tuple[int, ...] = (96, 96, 96)
-    patch_size: int = 16
-    spatial_dims: int = 3
-    in_channels: int = 1
     mask_ratio: float = 0.75
     proj_hidden_dim: int = 1024
     proj_dim: int = 256
@@ -148,14 +133,11 @@ class CMAEConfig:
     jitter_shift: float = 0.1
     loss_tokens: int = 0  # token positions per image entering the loss; 0 = all
     gather_negatives: bool = False  # also take negatives from other ranks
-    pos_embed_trainable: bool = False
-    use_flash_attention: bool = False
-    grad_checkpointing: bool = False
 
-    def validate(self, prefix: str = "model") -> None:
-        # C-MAE has no decoder: check the shared backbone fields through a MAEConfig with them.
-        shared = {f.name: getattr(self, f.name) for f in fields(MAEConfig) if hasattr(self, f.name)}
-        validate_backbone(MAEConfig(**shared), prefix)
+    def validate(self, prefix: str = "cmae") -> None:
+        # Both views keep every token (mask tokens at the stem), so the encoder needs a dense forward.
+        self.validate_backbone(prefix, needs={"dense"}, method="C-MAE")
+        check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature: expected > 0, got {self.temperature}")
         if not 0.0 <= self.momentum <= 1.0:
@@ -171,17 +153,19 @@ class _TokenBranch(nn.Module):
 
     def __init__(self, cfg: CMAEConfig) -> None:
         super().__init__()
-        self.encoder = build_encoder(cfg)
-        dim = self.encoder.hidden_size
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.projector = PredictorMLP(dim, cfg.proj_hidden_dim, cfg.proj_dim, norm="bn")
+        self.encoder = build_backbone(cfg)
+        # nnFormer's encoder owns its mask token (it is part of its weights); the others get one here.
+        self.mask_token: nn.Parameter | None = None
+        if not self.encoder.has_mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+        self.projector = PredictorMLP(self.encoder.hidden_size, cfg.proj_hidden_dim, cfg.proj_dim, norm="bn")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(x, mask=mask, mask_token=self.mask_token))
+        return self.projector(self.encoder.encode_dense(x, mask, self.mask_token))
 
 
-class CMAE(nn.Module):
+class CMAE(PretrainMethod):
     """`forward(batch)` -> `{"loss", "loss_con", "token_acc"}` (token_acc: top-1 of the positive among all keys)."""
 
     def __init__(self, cfg: CMAEConfig | None = None) -> None:
@@ -239,7 +223,7 @@ class CMAE(nn.Module):
         ema_update(self.target, self.online, self.momentum)
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return encoder_export(self.online.encoder, "cmae")
+        return encoder_export(self.online.encoder.net, "cmae")
 
     @torch.no_grad()
     def preview(self, batch: dict) -> dict[str, np.ndarray]:

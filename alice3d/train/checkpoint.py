@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from alice3d.errors import Alice3DError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(Alice3DError, RuntimeError):
     """A checkpoint or model file that cannot be written or safely read."""
 
 

@@ -29,7 +29,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else param_groups(model, cfg.weight_decay)
+    groups = model.param_groups(cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.optimizer == "sgd":

@@ -1,17 +1,16 @@
 """The one training loop every command uses (pretraining, landmark, fine-tuning).
 
-A *method* is an ``nn.Module`` whose ``forward(batch)`` returns a dict with a scalar
-``"loss"`` (plus other scalar terms, which are logged). Optional hooks:
-``update_target(step, max_steps)`` after each optimizer step (EMA),
-``param_groups(weight_decay)``, ``preview(batch) -> {name: array}`` and
-``metadata()``.
+What it trains is a `train.module.TrainModule`: ``forward(batch)`` returns a dict with a
+scalar ``"loss"`` (plus other scalar terms, which are logged); its hooks
+``update_target(step, max_steps)`` (after each optimizer step), ``param_groups``,
+``preview`` and ``metadata`` are called as the contract states.
 
 Data comes from a map-style dataset indexed by *sample*: ``dataset[i]`` is one sample
 dict, deterministic in ``i``. The global batch of step ``s`` is samples
 ``[s*G, (s+1)*G)`` with ``G = batch_size * world_size * grad_accum``, so a run on one
 process and on several sees the same global batch, and a resumed run sees exactly the
-batches it would have seen. Datasets that build whole batches themselves set
-``yields_batches = True`` and are indexed by (step, micro-step, rank) instead.
+batches it would have seen. Datasets that build whole batches themselves are
+`BatchDataset`s and are indexed by (step, micro-step, rank) instead.
 
 Randomness inside the step (masks, augmentations) is re-seeded from
 ``(seed, step, rank)`` at every step: a resumed run repeats the uninterrupted run's
@@ -23,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -36,10 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alice3d.config import TrainConfig, to_dict
+from alice3d.errors import Alice3DError
 from alice3d.runtime import Progress
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from alice3d.train.distributed import (DistInfo, comm_failure_message, init_distributed, is_comm_failure,
-                                      resolve_device)
+from alice3d.core.dist import (DistInfo, comm_failure_message, init_distributed, is_comm_failure, rank,
+                               resolve_device)
+from alice3d.train.module import BatchDataset, TrainModule
 from alice3d.train.optim import build_optimizer, build_scheduler
 from alice3d.viz.slices import save_volume_panels
 
@@ -53,8 +53,16 @@ RESUMABLE_CHANGES = {
 }
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Alice3DError, RuntimeError):
     """The run cannot go on (repeated non-finite steps, incompatible resume, ...)."""
+
+
+@dataclass
+class StepOutput:
+    terms: dict[str, torch.Tensor]  # detached scalar terms of the step, averaged over micro-batches
+    grad_norm: torch.Tensor  # before clipping
+    finite: bool  # False: the update was skipped
+    batch: Any  # the last micro-batch (for previews)
 
 
 @dataclass
@@ -147,7 +155,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: TrainModule,
         cfg: TrainConfig,
         run_dir: str | Path,
         full_config: Any = None,
@@ -156,8 +164,9 @@ class Trainer:
         evaluator: Callable[[nn.Module, int], dict] | None = None,
         best_metric: str | None = None,
         best_mode: str = "max",
-        find_unused_parameters: bool = False,
     ):
+        if not isinstance(model, TrainModule):
+            raise TypeError(f"Trainer: expected an alice3d.train.module.TrainModule, got {type(model).__name__}")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.full_config = full_config
@@ -167,7 +176,7 @@ class Trainer:
         except (RuntimeError, ValueError) as e:
             if not is_comm_failure(e):
                 raise
-            raise TrainingError(comm_failure_message(e, int(os.environ.get("RANK", "0")), cfg.dist_timeout_s)) from e
+            raise TrainingError(comm_failure_message(e, rank(), cfg.dist_timeout_s)) from e
         self.model = model.to(self.device)
         self.optimizer = optimizer or build_optimizer(self.model, cfg)
         self.scheduler = scheduler or build_scheduler(self.optimizer, cfg)
@@ -178,7 +187,7 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=ids, find_unused_parameters=find_unused_parameters
+                self.model, device_ids=ids, find_unused_parameters=model.has_unused_parameters
             )
         if cfg.compile:
             # Compiles the step's forward; hooks (EMA, previews) stay on the eager module.
@@ -265,7 +274,7 @@ class Trainer:
 
     def _loader(self, dataset: Dataset, start_step: int) -> DataLoader:
         cfg = self.cfg
-        batched = bool(getattr(dataset, "yields_batches", False))
+        batched = isinstance(dataset, BatchDataset)
         sampler = _StepBatches(start_step, cfg.max_steps, cfg.batch_size, cfg.grad_accum, self.dist, batched)
         kw: dict = dict(num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
         if cfg.num_workers > 0:
@@ -294,8 +303,8 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def fit(self, dataset: Dataset, resume: bool = False) -> TrainResult:
-        cfg = self.cfg
+    def _begin(self, resume: bool) -> int:
+        """The step to start from: 0, or the checkpoint's with ``resume``; never overwrites a run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:  # temp files of saves that a kill cut short (last.pt itself is always whole)
             for stale in self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"):
@@ -312,90 +321,31 @@ class Trainer:
                 "or choose another --out (nothing was overwritten)"
             )
         self._prepare_metrics(start)
+        return start
+
+    def fit(self, dataset: Dataset, resume: bool = False) -> TrainResult:
+        """Train from step 0 (or the last checkpoint with ``resume``) to ``train.max_steps``."""
+        cfg = self.cfg
+        start = self._begin(resume)
         result = TrainResult(step=start, skipped_steps=self.skipped_steps, best=self.best)
         if start >= cfg.max_steps:
             log.info("nothing to do: step %d >= train.max_steps=%d", start, cfg.max_steps)
             return result
 
-        unwrapped = self.model
         bar = Progress(cfg.max_steps, "train", initial=start, unit="step", logger=log, enabled=self.dist.is_main)
         loader = iter(self._loader(dataset, start))
-        consecutive_bad = 0
-        t_last = time.perf_counter()
-        samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        self._consecutive_bad = 0
+        self._t_last = time.perf_counter()
         last_batch = None
-        step = start
         with _SignalGuard() as guard:
             try:
                 for step in range(start, cfg.max_steps):
-                    torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
-                    self.train_model.train()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    terms: dict[str, torch.Tensor] = {}
-                    finite = True
-                    for micro in range(cfg.grad_accum):
-                        batch = move_to(next(loader), self.device)
-                        last_batch = batch
-                        sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
-                        ctx = nullcontext() if sync else self.train_model.no_sync()
-                        with ctx, self._autocast():
-                            out = self.train_model(batch)
-                        loss = out["loss"]
-                        (loss / cfg.grad_accum).backward()
-                        for k, v in out.items():
-                            if torch.is_tensor(v) and v.numel() == 1:
-                                terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
-                    params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-                    if cfg.grad_clip > 0:
-                        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    else:
-                        gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
-                    # One host sync per step: needed to decide whether to skip the update.
-                    finite = bool(torch.isfinite(terms["loss"]).item() and torch.isfinite(gnorm).item())
-                    if finite:
-                        self.optimizer.step()
-                        consecutive_bad = 0
-                    else:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.skipped_steps += 1
-                        consecutive_bad += 1
-                        log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); update skipped",
-                                    step + 1, float(terms["loss"]), float(gnorm))
-                        if consecutive_bad >= cfg.max_bad_steps:
-                            raise TrainingError(
-                                f"{consecutive_bad} consecutive steps with a non-finite loss or gradient "
-                                f"(last at step {step + 1}); stopping. The last good checkpoint is intact: "
-                                f"{self.ckpt_path if self.ckpt_path.exists() else 'none saved yet'}. "
-                                "Lower train.lr, check the data report, or raise train.max_bad_steps."
-                            )
-                    self.scheduler.step()
-                    if finite and hasattr(unwrapped, "update_target"):
-                        unwrapped.update_target(step + 1, cfg.max_steps)
-                    done = step + 1
-                    result.step = done
-
-                    if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
-                        now = time.perf_counter()
-                        record = {"step": done, "lr": self.optimizer.param_groups[0]["lr"]}
-                        record.update(self._global_terms(terms))
-                        record.update({"grad_norm": float(gnorm), "skipped_steps": self.skipped_steps,
-                                       "step_time_s": (now - t_last) / max(1, cfg.log_every),
-                                       "samples_per_s": samples_per_step * max(1, cfg.log_every) / max(now - t_last, 1e-9)})
-                        t_last = now
-                        self.log_metrics(record)
-                        result.last_metrics = record
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    bar.update(1)
-
-                    if cfg.preview_every and done % cfg.preview_every == 0:
-                        self.write_preview(unwrapped, batch, done)
-                    if self.evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-                        self.evaluate(done)
-                    # Only checkpoint after a good step, so "last good checkpoint" means what it says.
-                    if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and consecutive_bad == 0:
-                        self.save_checkpoint(done)
+                    out = self.train_step(loader, step)
+                    last_batch = out.batch
+                    result.step = step + 1
+                    self.after_step(out, result, bar)
                     if guard.received is not None:
-                        self.save_checkpoint(done)
+                        self.save_checkpoint(result.step)
                         result.interrupted = True
                         result.signal_name = signal.Signals(guard.received).name
                         return result
@@ -403,7 +353,7 @@ class Trainer:
                     self.evaluate(result.step)
                 self.save_checkpoint(result.step)
                 if last_batch is not None:
-                    self.write_preview(unwrapped, last_batch, result.step)
+                    self.write_preview(self.model, last_batch, result.step)
             except RuntimeError as e:
                 ours = isinstance(e, (TrainingError, CheckpointError))
                 if self.dist.enabled and not ours and is_comm_failure(e):
@@ -414,6 +364,81 @@ class Trainer:
         result.skipped_steps = self.skipped_steps
         result.best = self.best
         return result
+
+    def train_step(self, loader: Iterator, step: int) -> StepOutput:
+        """Step ``step`` (0-based): forward/backward over ``grad_accum`` micro-batches, clipping, and
+        the optimizer, schedule and target updates; a non-finite loss or gradient skips the update."""
+        cfg = self.cfg
+        torch.manual_seed(step_seed(cfg.seed, step, self.dist.rank))
+        self.train_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
+        batch = None
+        for micro in range(cfg.grad_accum):
+            batch = move_to(next(loader), self.device)
+            sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
+            ctx = nullcontext() if sync else self.train_model.no_sync()
+            with ctx, self._autocast():
+                out = self.train_model(batch)
+            (out["loss"] / cfg.grad_accum).backward()
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    terms[k] = terms.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
+        # One host sync per step: needed to decide whether to skip the update.
+        finite = bool(torch.isfinite(terms["loss"]).item() and torch.isfinite(gnorm).item())
+        if finite:
+            self.optimizer.step()
+            self._consecutive_bad = 0
+        else:
+            self._skip_update(step + 1, terms["loss"], gnorm)
+        self.scheduler.step()
+        if finite:
+            self.model.update_target(step + 1, cfg.max_steps)
+        return StepOutput(terms, gnorm, finite, batch)
+
+    def _skip_update(self, done: int, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self._consecutive_bad += 1
+        log.warning("step %d: non-finite loss or gradient (loss=%s, grad norm=%s); update skipped",
+                    done, float(loss), float(gnorm))
+        if self._consecutive_bad >= self.cfg.max_bad_steps:
+            raise TrainingError(
+                f"{self._consecutive_bad} consecutive steps with a non-finite loss or gradient "
+                f"(last at step {done}); stopping. The last good checkpoint is intact: "
+                f"{self.ckpt_path if self.ckpt_path.exists() else 'none saved yet'}. "
+                "Lower train.lr, check the data report, or raise train.max_bad_steps."
+            )
+
+    def after_step(self, out: StepOutput, result: TrainResult, bar: Progress) -> None:
+        """Metrics, progress, previews, evaluation and checkpoints after step ``result.step``."""
+        cfg, done = self.cfg, result.step
+        every = max(1, cfg.log_every)
+        if done % every == 0 or done == cfg.max_steps:
+            now = time.perf_counter()
+            samples = cfg.batch_size * cfg.grad_accum * self.dist.world_size * every
+            record = {"step": done, "lr": self.optimizer.param_groups[0]["lr"]}
+            record.update(self._global_terms(out.terms))
+            record.update({"grad_norm": float(out.grad_norm), "skipped_steps": self.skipped_steps,
+                           "step_time_s": (now - self._t_last) / every,
+                           "samples_per_s": samples / max(now - self._t_last, 1e-9)})
+            self._t_last = now
+            self.log_metrics(record)
+            result.last_metrics = record
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        bar.update(1)
+        if cfg.preview_every and done % cfg.preview_every == 0:
+            self.write_preview(self.model, out.batch, done)
+        if self.evaluator is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+            self.evaluate(done)
+        # Only checkpoint after a good step, so "last good checkpoint" means what it says.
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.max_steps and self._consecutive_bad == 0:
+            self.save_checkpoint(done)
 
     # ------------------------------------------------------------- hooks
 
@@ -431,7 +456,7 @@ class Trainer:
                 better = old is None or (value > old if self.best_mode == "max" else value < old)
                 if better and math.isfinite(value):
                     self.best = {"metric": self.best_metric, "value": value, "step": step}
-                    meta = self.model.metadata() if hasattr(self.model, "metadata") else {}
+                    meta = self.model.metadata()
                     atomic_save({"metadata": {"kind": "alice3d-best", **meta}, "state_dict": self.model.state_dict(),
                                  "step": step, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
                                 self.run_dir / "best.pt")
@@ -440,7 +465,7 @@ class Trainer:
         return metrics
 
     def write_preview(self, model: nn.Module, batch: Any, step: int) -> None:
-        if not self.dist.is_main or not hasattr(model, "preview"):
+        if not self.dist.is_main:
             return
         model.eval()
         with torch.no_grad(), self._autocast():

@@ -8,7 +8,8 @@ from alice3d.config import ConfigError
 from alice3d.core.masking import masking_from_mask, random_masking
 from alice3d.encoders.nnformer import NNFormer
 from alice3d.methods.alice import Alice, AliceConfig
-from alice3d.methods.backbones import NNFormerBackbone, SwinBackbone, ViTBackbone, build_backbone
+from alice3d.encoders.backbone import build_backbone
+from alice3d.encoders.tokens import NNFormerTokens, SwinTokens, ViTTokens
 from alice3d.methods.views import make_alice_views
 
 # Swin: unit 32^3, crop 64x64x32 -> unit grid (2, 2, 1); nnFormer: total stride (32, 32, 16) -> (2, 2, 2).
@@ -59,7 +60,7 @@ def trainable(model):
 def test_adapter_shapes_and_units(kind):
     model = tiny_model(kind)
     enc = model.encoder
-    assert isinstance(enc, SwinBackbone if kind == "swin" else NNFormerBackbone)
+    assert isinstance(enc, SwinTokens if kind == "swin" else NNFormerTokens)
     unit = (32, 32, 32) if kind == "swin" else (32, 32, 16)
     grid = (2, 2, 1) if kind == "swin" else (2, 2, 2)
     width = 12 * 16 if kind == "swin" else 16 * 8
@@ -187,7 +188,7 @@ def test_a_few_steps_lower_the_loss(kind):
 def test_vit_presets_keep_the_plain_vit():
     cfg = AliceConfig(encoder="vit_tiny", encoder_kwargs=dict(num_layers=1), img_size=(32, 32, 16), patch_size=8)
     enc = build_backbone(cfg)
-    assert isinstance(enc, ViTBackbone) and enc.net is enc and enc.metadata()["kind"] == "vit"
+    assert isinstance(enc, ViTTokens) and enc.net is enc and enc.metadata()["kind"] == "vit"
     x = torch.rand(1, 1, 32, 32, 16)
     masking = random_masking(1, enc.num_tokens, 0.75, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -204,7 +205,7 @@ def test_config_errors_name_the_key():
         Alice(tiny_cfg("swin", img_size=(32, 32, 32)))
     with pytest.raises(ConfigError, match="encoder_kwargs.*hidden_size"):
         Alice(tiny_cfg("swin", encoder_kwargs={"hidden_size": 8}))
-    with pytest.raises(ConfigError, match="model.encoder"):
+    with pytest.raises(ConfigError, match="alice.encoder"):
         Alice(tiny_cfg("swin", encoder="resnet50"))
     # nnFormer crops follow its total stride, which follows patch_stride.
     cfg = tiny_cfg("nnformer", encoder_kwargs={"patch_stride": [2, 2, 2]}, img_size=(32, 32, 32))

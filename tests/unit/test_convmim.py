@@ -26,7 +26,7 @@ def one_thread():
 
 def tiny_convmim(nd, seed=0, **kw):
     size, patch = SIZES[nd]
-    args = dict(backbone="resnet18_tiny", backbone_kwargs=dict(TINY_BACKBONE), img_size=size, spatial_dims=nd,
+    args = dict(encoder="resnet18_tiny", encoder_kwargs=dict(TINY_BACKBONE), img_size=size, spatial_dims=nd,
                 mask_patch=patch, feature_dim=16, decoder_dim=16)
     args.update(kw)
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def test_mask_token_appears_only_at_masked_stem_positions(nd):
     with torch.no_grad():
         h = model.stem_with_mask(x, masking.mask, grid)
         hidden = mask_to_image(masking.mask, grid, patch)
-        plain = model.backbone.stem(x * (1 - hidden))
+        plain = model.encoder.stem(x * (1 - hidden))
     stem_mask = mask_to_image(masking.mask, grid, patch // 4).bool().expand_as(h)
     assert h.shape == plain.shape and stem_mask.shape == h.shape
     assert bool((h[stem_mask] == 123.0).all())

@@ -11,7 +11,8 @@ from alice3d.data.io import Volume
 from landmark.config import ModelConfig
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
-from landmark.pairs import PairDataset, PairError, PairSampler, crop_at
+from alice3d.train.module import BatchDataset
+from landmark.pairs import PairBatches, PairDataset, PairError, PairSampler, crop_at
 
 TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 BG = 0.1  # background ("air") value of the normalised crop volumes, deliberately not 0
@@ -90,10 +91,10 @@ def test_dataset_is_deterministic_and_batches(setup):
     x, y = ds[5], ds[5]
     assert torch.equal(x["q"], y["q"]) and torch.equal(x["k"], y["k"]) and torch.equal(x["ids"], y["ids"])
     assert not torch.equal(ds[6]["q"], x["q"])
-    assert not ds.yields_batches
-    batched = PairDataset(sampler, batch_size=3, seed=7)
+    assert not isinstance(ds, BatchDataset)
+    batched = PairBatches(ds, batch_size=3)
     b = batched[2]
-    assert batched.yields_batches
+    assert isinstance(batched, BatchDataset)
     assert b["q"].shape == (3, 1, 16, 16, 8) and b["k"].shape == (3, 1, 16, 16, 8)
     assert b["score"].shape == (3,) and b["ids"].shape == (3, 2)
     assert torch.equal(batched[2]["k"], b["k"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from alice3d.data.io import Volume
+from landmark import preprocess
 from landmark.cli import _attach_points, build_parser
 from landmark.config import ModelConfig
 from landmark.match import MatchError, Matcher, check_points_inside, read_points_file
@@ -87,7 +88,7 @@ def test_matcher_checks_points_before_embedding(tmp_path, monkeypatch):
     def no_embedding(*a, **k):
         raise AssertionError("embedded a volume although a query point lies outside the source")
 
-    monkeypatch.setattr(m, "_compute", no_embedding)
+    monkeypatch.setattr(preprocess, "embed_volume", no_embedding)
     with pytest.raises(MatchError, match=r"outside volume src.nii.gz .*: 40.0,0.0,0.0"):
         m.match(vol, vol, np.array([[0.0, 0.0, 0.0], [40.0, 0.0, 0.0]]))
     assert m.stats["computed"] == 0 and not (tmp_path / "cache").exists()

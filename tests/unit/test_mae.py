@@ -120,8 +120,8 @@ def test_errors():
         model({"image": torch.rand(1, 1, 32, 32)})
     with pytest.raises(ConfigError, match="encoder_kwargs"):
         tiny_mae(3, encoder_kwargs={"depth": 3})
-    with pytest.raises(ConfigError, match="encoder"):
-        tiny_mae(3, encoder="swin_b")
+    with pytest.raises(ConfigError, match=r"mae\.encoder: expected one of \[.*'swin_b'.*\], got 'vit_huge'"):
+        tiny_mae(3, encoder="vit_huge")
     with pytest.raises(ConfigError, match="multiples of patch_size"):
         tiny_mae(3, img_size=(30, 32, 16))
     with pytest.raises(ConfigError, match="mask_ratio"):

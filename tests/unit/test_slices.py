@@ -92,8 +92,8 @@ def test_slice_dataset_reads_image_folders_and_volume_folders(tmp_path):
     img_dir = tmp_path / "pngs"
     img_dir.mkdir()
     write_image(img_dir / "x.png", np.full((16, 16), 128, np.uint8))
-    ds = slice_dataset(DataConfig(data=str(img_dir)), SliceConfig(), (16, 16))
-    assert isinstance(ds, ImageFolderDataset)
+    ds, report = slice_dataset(DataConfig(data=str(img_dir)), SliceConfig(), (16, 16))
+    assert isinstance(ds, ImageFolderDataset) and report.used == 1 and report.bad == []
     torch.testing.assert_close(ds[0]["image"], torch.full((1, 16, 16), 128 / 255.0))
 
     vol_dir = tmp_path / "vols"
@@ -105,8 +105,8 @@ def test_slice_dataset_reads_image_folders_and_volume_folders(tmp_path):
     datalist = {"training": [{"image": f"imagesTr/img{k:04d}.nii.gz"} for k in range(2)]}
     (vol_dir / "dataset_0.json").write_text(json.dumps(datalist))
     cfg = DataConfig(data=str(vol_dir / "dataset_0.json"), spacing=(2.0, 2.0, 2.0))
-    ds = slice_dataset(cfg, SliceConfig(axis=1), (16, 8))
-    assert isinstance(ds, VolumeSliceDataset) and len(ds.volumes) == 2
+    ds, report = slice_dataset(cfg, SliceConfig(axis=1), (16, 8))
+    assert isinstance(ds, VolumeSliceDataset) and len(ds.volumes) == 2 and report.used == 2
     sample = ds[3]["image"]
     assert sample.shape == (1, 16, 8) and 0.0 <= float(sample.min()) and float(sample.max()) <= 1.0
 
@@ -119,7 +119,7 @@ def test_bad_axis_is_rejected():
 @pytest.mark.slow
 def test_phantom_cohort_is_the_embedded_default():
     """Generates (or reuses) the cached phantom cohort; axial slices come from its volumes."""
-    ds = slice_dataset(DataConfig(spacing=(3.0, 3.0, 3.0)), SliceConfig(axis=2), (64, 64), seed=1)
+    ds, _ = slice_dataset(DataConfig(spacing=(3.0, 3.0, 3.0)), SliceConfig(axis=2), (64, 64), seed=1)
     assert isinstance(ds, VolumeSliceDataset) and len(ds.volumes) >= 2
     a = ds[0]["image"]
     assert a.shape == (1, 64, 64) and torch.equal(ds[0]["image"], a)

@@ -10,6 +10,7 @@ from torch import nn
 
 from alice3d.config import TrainConfig, section
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from alice3d.train.module import TrainModule
 from alice3d.train.trainer import Trainer, TrainingError
 
 W_TRUE = torch.tensor([1.0, -2.0, 0.5])
@@ -27,7 +28,7 @@ class ToyData(torch.utils.data.Dataset):
         return {"x": x, "y": (x * W_TRUE).sum(0, keepdim=True)}
 
 
-class Toy(nn.Module):
+class Toy(TrainModule):
     def __init__(self, dropout=0.0, nan_at=(), stop_at=None):
         super().__init__()
         torch.manual_seed(0)
@@ -218,3 +219,10 @@ def test_two_process_gloo_matches_single_process(tmp_path, free_port):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port, tmp_path / "ddp", out), nprocs=2)
     assert torch.allclose(torch.load(out, weights_only=True), model.lin.weight, atol=1e-5)
     assert losses(tmp_path / "ddp")  # rank 0 logged
+
+
+def test_trainer_only_takes_train_modules(tmp_path):
+    """The trainer calls the TrainModule hooks directly; a bare nn.Module is refused up front."""
+    cfg = make_cfg()
+    with pytest.raises(TypeError, match="TrainModule"):
+        Trainer(nn.Linear(3, 1), cfg.train, tmp_path, full_config=cfg)

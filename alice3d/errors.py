@@ -1,0 +1,14 @@
+"""`Alice3DError`: the base of every error alice3d raises for bad input, config or state.
+
+Each error says what was wrong and names the file or key; a command-line tool catches this
+one class and prints the message (no traceback). Subclasses also derive from the built-in
+exception that fits (ValueError, RuntimeError), so `except ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Alice3DError"]
+
+
+class Alice3DError(Exception):
+    """An expected failure whose message is meant for the user."""

@@ -1,0 +1,60 @@
+"""The pretraining method contract: what every file in `alice3d/methods/` fills in.
+
+A method is a `PretrainMethod` (a `train.module.TrainModule`) built from its config:
+
+    __init__(cfg)                     cfg: the method's config dataclass, a BackboneConfig plus
+                                      the method's own fields, validated with cfg.validate(prefix)
+    forward(batch) -> dict            {"loss": scalar with grad, name: detached scalar, ...};
+                                      batch is what the method's dataset kind yields:
+                                        "images": {"image": (B, C, *img_size)}
+                                        "pairs":  {"q": (B, C, *crop), "k": (B, C, *crop), "view_seed": (B,)}
+    encoder_state() -> (state, meta)  the encoder kept after pretraining: a state dict that loads
+                                      strict into the MONAI network of its family (the registry's
+                                      `loads_into`) and its metadata() plus "method"
+    update_target(step, max_steps)    optional: EMA / target update after each optimizer step
+    preview(batch) -> {name: array}   optional: arrays for RUN/previews/step_*.png
+    has_unused_parameters             optional: True if some parameters get no gradient in a step
+
+The registry that maps a method name to (method class, config class, dataset kind) is
+`alice3d.methods.METHODS`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from alice3d.train.module import TrainModule
+
+__all__ = ["PretrainMethod", "check_images", "encoder_export"]
+
+
+class PretrainMethod(TrainModule):
+    """Base class of the pretraining methods (see the module docstring)."""
+
+    @abstractmethod
+    def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(state dict of the encoder to export, its metadata with "kind" and "method")."""
+
+
+def check_images(batch: Any, key: str, encoder: nn.Module) -> torch.Tensor:
+    """`batch[key]` as a float tensor `(B, C, *img_size)` of `encoder`, or a ValueError naming the key."""
+    if not isinstance(batch, dict) or key not in batch:
+        found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"batch: expected a dict with key '{key}', got {found}")
+    x = batch[key]
+    expected = (encoder.in_channels, *encoder.img_size)
+    if not torch.is_tensor(x) or x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"batch['{key}']: expected a tensor (B, {', '.join(map(str, expected))}), got {shape}")
+    return x if x.is_floating_point() else x.float()
+
+
+def encoder_export(encoder: nn.Module, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(CPU copy of `encoder`'s state dict, its metadata() + "method") for encoder.pt."""
+    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    return state, {**encoder.metadata(), "method": method}
+

@@ -1,0 +1,151 @@
+"""The method contract, checked for every registered method, and method x encoder pairs.
+
+Every entry of `alice3d.methods.METHODS` must build from its `PretrainConfig` section, return
+`{"loss": <grad>, <detached scalars>}`, give every trainable parameter a gradient, export an
+encoder whose state dict loads strict into the MONAI network of its family, and preview.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from monai.networks.nets import ResNet, SwinUNETR, ViT
+
+from alice3d.config import ConfigError, load_config
+from alice3d.encoders.backbone import BackboneConfig
+from alice3d.methods import DATASET_KINDS, METHODS, PretrainMethod
+from alice3d.pretrain.config import PretrainConfig
+
+# Per method: overrides of its PretrainConfig section that make one step take ~0.1 s.
+TINY_VIT = {"img_size": (32, 32, 16), "patch_size": 8,
+            "encoder_kwargs": {"num_layers": 2, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}}
+TINY_DECODER = {"decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2}
+TINY = {
+    "alice": {**TINY_VIT, **TINY_DECODER, "head_out_dim": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16},
+    "mae": {**TINY_VIT, **TINY_DECODER},
+    "cae": {**TINY_VIT, **TINY_DECODER, "min_block": 2, "regressor_depth": 1},
+    "ccmim": {**TINY_VIT, **TINY_DECODER, "proj_hidden_dim": 32, "proj_dim": 16},
+    "rmae": {**TINY_VIT, **TINY_DECODER},
+    "cmae": {**TINY_VIT, "proj_hidden_dim": 32, "proj_dim": 16},
+    "convmim": {"img_size": (32, 32, 32), "encoder_kwargs": {"widths": [8, 8, 16, 16]}, "feature_dim": 8,
+                "decoder_dim": 8},
+}
+SWIN_TINY = {"encoder": "swin_tiny", "encoder_kwargs": {"window_size": 4}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def method_config(name: str, **overrides):
+    section = getattr(PretrainConfig(), name)
+    return dataclasses.replace(section, **{**TINY[name], **overrides})
+
+
+def batch_for(name: str, cfg, b: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, cfg.in_channels, *cfg.img_size)
+    if METHODS[name].dataset == "pairs":
+        return {"q": torch.rand(shape, generator=g), "k": torch.rand(shape, generator=g),
+                "view_seed": torch.arange(b)}
+    return {"image": torch.rand(shape, generator=g)}
+
+
+def monai_home(meta: dict) -> torch.nn.Module:
+    """The MONAI network module an exported encoder of this metadata must load into."""
+    kind = meta["kind"]
+    if kind == "vit":
+        return ViT(meta["in_channels"], meta["img_size"], meta["patch_size"], hidden_size=meta["hidden_size"],
+                   mlp_dim=meta["mlp_dim"], num_layers=meta["num_layers"], num_heads=meta["num_heads"],
+                   spatial_dims=meta["spatial_dims"], classification=False, qkv_bias=meta["qkv_bias"])
+    if kind == "swin":
+        kwargs = {k: meta[k] for k in ("in_channels", "feature_size", "depths", "num_heads", "spatial_dims",
+                                       "window_size", "patch_size", "mlp_ratio", "qkv_bias", "patch_norm",
+                                       "downsample", "use_v2")}
+        for k in ("depths", "num_heads", "window_size"):
+            kwargs[k] = tuple(kwargs[k])
+        return SwinUNETR(out_channels=2, **kwargs).swinViT
+    if kind == "resnet":
+        return ResNet(**meta["monai_resnet"])
+    raise AssertionError(f"no MONAI home for {kind}")
+
+
+def check_contract(name: str, cfg) -> None:
+    torch.manual_seed(0)
+    model = METHODS[name].method(cfg)
+    assert isinstance(model, PretrainMethod)
+    model.train()
+    out = model(batch_for(name, cfg))
+    assert out["loss"].requires_grad and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    for key, value in out.items():
+        if key != "loss" and torch.is_tensor(value):
+            assert not value.requires_grad, f"{name}: diagnostic {key!r} is not detached"
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert model.has_unused_parameters or not no_grad, f"{name}: trainable parameters without gradient: {no_grad}"
+    model.update_target(1, 10)
+    state, meta = model.encoder_state()
+    assert meta["method"] == name
+    monai_home(meta).load_state_dict(state, strict=True)
+    panels = model.preview(batch_for(name, cfg, seed=1))
+    assert panels and all(a.ndim == len(cfg.img_size) and a.dtype.kind == "f" for a in panels.values())
+
+
+def test_registry_entries_are_complete():
+    cfg = PretrainConfig()
+    for name, entry in METHODS.items():
+        assert issubclass(entry.method, PretrainMethod)
+        assert issubclass(entry.config, BackboneConfig), f"{name}: its config must be a BackboneConfig"
+        assert entry.dataset in DATASET_KINDS
+        assert isinstance(getattr(cfg, name), entry.config), f"PretrainConfig has no '{name}' section of its type"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_fulfils_the_contract_3d(name):
+    check_contract(name, method_config(name))
+
+
+@pytest.mark.parametrize("name", ["mae", "cae", "ccmim", "rmae", "cmae", "convmim"])
+def test_every_image_method_fulfils_the_contract_2d(name):
+    size = (32, 32) if name != "convmim" else (64, 64)
+    check_contract(name, method_config(name, img_size=size, spatial_dims=2))
+
+
+@pytest.mark.parametrize("name, dims", [("mae", 2), ("mae", 3), ("rmae", 2), ("rmae", 3), ("cmae", 2), ("cmae", 3),
+                                        ("alice", 3)])  # Alice pairs are 3D crops
+def test_methods_with_a_swin_encoder_export_into_swinunetr(name, dims):
+    size = (64, 64) if dims == 2 else (64, 64, 32)
+    check_contract(name, method_config(name, **SWIN_TINY, img_size=size, spatial_dims=dims))
+
+
+@pytest.mark.parametrize("name", ["mae", "rmae", "cmae"])
+def test_methods_with_an_nnformer_encoder(name):
+    torch.manual_seed(0)
+    cfg = method_config(name, encoder="nnformer_tiny", encoder_kwargs={}, img_size=(64, 64, 32))
+    model = METHODS[name].method(cfg)
+    out = model(batch_for(name, cfg))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    state, meta = model.encoder_state()
+    assert meta["kind"] == "nnformer" and "mask_token" in state
+
+
+@pytest.mark.parametrize("name, encoder, forward", [
+    ("ccmim", "swin_tiny", "cls"), ("cae", "nnformer_tiny", "abs_pos"), ("convmim", "vit_tiny", "conv"),
+    ("mae", "resnet18_tiny", "visible"), ("alice", "resnet18_tiny", "visible"),
+])
+def test_pairs_that_cannot_work_are_refused_naming_the_forward(name, encoder, forward):
+    with pytest.raises(ConfigError, match=rf"{name}\.encoder: .* needs the .*{forward}.* forward"):
+        load_config(PretrainConfig, None, [f"method={name}", f"{name}.encoder={encoder}",
+                                           f"{name}.encoder_kwargs={{}}"])
+
+
+def test_unknown_encoder_lists_the_usable_presets():
+    with pytest.raises(ConfigError, match=r"cmae\.encoder: expected one of \[.*'swin_tiny'.*\], got 'vit_huge'"):
+        load_config(PretrainConfig, None, ["method=cmae", "cmae.encoder=vit_huge"])
