@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
+from tqdm import tqdm
+
 from alice3d.core.dist import is_main_process
 
 MIN_INTERVAL_S = 10.0  # no two log lines closer than this (a fast loop does not flood the log)
@@ -83,8 +85,6 @@ class Progress:
         file = sys.stderr if file is None else file
         self._bar = None
         if self.enabled and (_isatty(file) if tty is None else tty):
-            from tqdm import tqdm
-
             self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit=unit, file=file,
                              leave=leave, dynamic_ncols=True)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -119,8 +120,6 @@ class _SignalGuard:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_SignalGuard":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
