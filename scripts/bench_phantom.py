@@ -31,7 +31,7 @@ def _dir_mb(path: Path) -> float:
 
 
 def bench(size: str, n: int, workers: int | None, seed: int, keep: Path | None) -> dict:
-    from alice3d.data import phantom
+    from alice3d.data.phantom import cohort as phantom
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{size}-")) if keep is None else keep
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))

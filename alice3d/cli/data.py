@@ -43,7 +43,7 @@ def _label_set(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..data.inspect import SAMPLE_SLICES
-    from ..data.phantom_render import SIZES
+    from ..data.phantom import SIZES
 
     p = argparse.ArgumentParser(prog="alice3d-data", description="Synthetic CT phantoms, previews and data checks.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,7 +3,7 @@
 Template coordinates are RAS+ (x to the patient's Right, y Anterior, z Superior) with the
 L1 vertebral body centre near z = 0. The template is painted once (deterministic, no random
 state per subject) on a regular grid; subjects are rendered by mapping their voxel world
-coordinates into this space (see phantom_maps) and looking tissue classes up here.
+coordinates into this space (see maps.py) and looking tissue classes up here.
 
 Painting is layered: first the z-parametric structures slab by slab (body wall, muscles,
 spine, ribs, lungs, heart, aorta, IVC, oesophagus), then bowel, then organs and vessels in

@@ -1,7 +1,7 @@
 """Synthetic abdominal CT cohort with the 13 BTCV organ labels and exact ground-truth correspondence.
 
-One template anatomy (phantom_template) is warped into every subject by a smooth invertible
-map (phantom_maps) and rendered on a subject-specific scanner grid (phantom_render): body and
+One template anatomy (template.py) is warped into every subject by a smooth invertible
+map (maps.py) and rendered on a subject-specific scanner grid (render.py): body and
 organ size and shape, pose, field of view, voxel spacing, storage orientation, contrast phase
 and noise all vary between subjects. Maps are saved next to the cohort as plain JSON, so the
 same anatomical point can be found in any two subjects with `correspond`.
@@ -25,14 +25,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .datalists import write_btcv_datalist
-from .io import save_nifti
-from .phantom_maps import (
+from ..datalists import write_btcv_datalist
+from ..io import save_nifti
+from .maps import (
     MAPS_FILE, SubjectMap, case_id, correspond, landmarks_in_subject, load_cohort_maps, load_maps_file,
     sample_subject_map, write_maps,
 )
-from .phantom_render import SIZES, NoiseBank, SizeSpec, SubjectGeometry, render_subject, sample_geometry
-from .phantom_template import TEMPLATE_VERSION, Template, build_template, template_landmarks
+from .render import SIZES, NoiseBank, SizeSpec, SubjectGeometry, render_subject, sample_geometry
+from .template import TEMPLATE_VERSION, Template, build_template, template_landmarks
 
 __all__ = [
     "PHANTOM_VERSION", "SIZES", "SubjectMap", "cache_root", "case_id", "correspond", "default_cohort",
@@ -81,7 +81,7 @@ def get_template(res: float) -> Template:
     res = float(res)
     if res in _TEMPLATES:
         return _TEMPLATES[res]
-    from .phantom_template import EXTENT_LO
+    from .template import EXTENT_LO
 
     path = cache_root() / "templates" / f"template-v{TEMPLATE_VERSION}-r{res:g}.npy"
     tissue = None
@@ -162,7 +162,7 @@ def _write_case(job: dict) -> dict:
     save_nifti(image, aff, out / job["image"])
     save_nifti(label, aff, out / job["label"])
     if job.get("preview"):
-        from ..viz.slices import save_preview
+        from ...viz.slices import save_preview
 
         save_preview(out / "previews" / f"{job['case']}.png", image, label, affine=aff)
     m.meta.update(image=job["image"], label=job["label"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .phantom_template import rotation
+from .template import rotation
 
 MAPS_FILE = "phantom_maps.json"
 MAPS_FORMAT = "alice3d-phantom-maps"
@@ -206,7 +206,7 @@ def sample_subject_map(rng: np.random.Generator, deform: float = 1.0) -> Subject
 
 def write_maps(path: str | os.PathLike, maps: dict[str, SubjectMap], **header) -> Path:
     """Write subject maps (and header fields, e.g. landmarks) as plain JSON."""
-    from .phantom_template import TEMPLATE_VERSION, template_landmarks
+    from .template import TEMPLATE_VERSION, template_landmarks
 
     doc = {
         "format": MAPS_FORMAT,
@@ -222,7 +222,7 @@ def write_maps(path: str | os.PathLike, maps: dict[str, SubjectMap], **header) -
 
 
 def load_maps_file(path: str | os.PathLike) -> dict[str, SubjectMap]:
-    from .io import DataError
+    from ..io import DataError
 
     path = Path(path)
     try:
@@ -253,7 +253,7 @@ def case_id(path: str | os.PathLike) -> str:
 
 def landmarks_in_subject(m: SubjectMap) -> dict[str, np.ndarray]:
     """Template landmarks mapped into the subject's world (mm)."""
-    from .phantom_template import template_landmarks
+    from .template import template_landmarks
 
     lm = template_landmarks()
     pts = m.forward(np.stack(list(lm.values())))

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .geometry import apply_affine
-from .phantom_maps import SubjectMap
-from .phantom_template import T, Template, tissue_to_label
+from ..geometry import apply_affine
+from .maps import SubjectMap
+from .template import T, Template, tissue_to_label
 
 PAD_HU = -1024.0
 
