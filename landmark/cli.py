@@ -133,7 +133,7 @@ def write_match_png(path: Path, src, dst, points, found, scores) -> Path:
     """Rows of ortho slices: query on A, then its match on B, for each point (at most 8)."""
     from alice3d.viz.mosaic import mosaic
     from alice3d.viz.png import write_png
-    from alice3d.viz.slices import ortho_slices
+    from alice3d.viz.ortho import ortho_slices
 
     def mm(p) -> str:
         return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ") mm"

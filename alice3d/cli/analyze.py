@@ -83,7 +83,7 @@ def cmd_cka(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     import torch
 
-    from alice3d.viz.slices import save_volume_panels
+    from alice3d.viz.ortho import save_volume_panels
     from alice3d.methods import METHODS
     from alice3d.pretrain.config import PretrainConfig
     from alice3d.pretrain.run import build_dataset

@@ -102,7 +102,7 @@ def _cmd_phantoms(args) -> int:
 
 
 def _cmd_preview(args) -> int:
-    from ..viz.slices import save_preview
+    from ..viz.ortho import save_preview
     from ..data.io import DataError, load_volume
 
     try:

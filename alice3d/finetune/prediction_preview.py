@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alice3d.viz.slices import save_label_comparison
+from alice3d.viz.ortho import save_label_comparison
 
 
 def save_prediction_preview(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, path: str | Path,

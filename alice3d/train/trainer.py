@@ -42,7 +42,7 @@ from alice3d.core.dist import (DistInfo, comm_failure_message, init_distributed,
                                resolve_device)
 from alice3d.train.module import BatchDataset, TrainModule
 from alice3d.train.optim import build_optimizer, build_scheduler
-from alice3d.viz.slices import save_volume_panels
+from alice3d.viz.ortho import save_volume_panels
 
 log = logging.getLogger("alice3d.train")
 

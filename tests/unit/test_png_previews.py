@@ -14,7 +14,7 @@ from PIL import Image
 from alice3d.viz import png as png_mod
 from alice3d.viz.mosaic import mosaic
 from alice3d.viz.png import read_png, write_png
-from alice3d.viz.slices import (EDGE_LETTERS, body_box, label_colors, label_comparison, letter_gutters, ortho_slices,
+from alice3d.viz.ortho import (EDGE_LETTERS, body_box, label_colors, label_comparison, letter_gutters, ortho_slices,
                                 ortho_views, save_preview, save_volume_panels, to_uint8, volume_panels)
 
 VIZ = Path(__file__).resolve().parents[2] / "alice3d" / "viz"
@@ -330,9 +330,9 @@ def test_viz_is_a_bottom_layer():
 
 
 def test_viz_does_not_touch_pyplot():
-    code = ("import sys, numpy as np, alice3d.viz, alice3d.viz.slices, alice3d.viz.plots as p\n"
+    code = ("import sys, numpy as np, alice3d.viz, alice3d.viz.ortho, alice3d.viz.plots as p\n"
             "p.render_line_plot({'a': ([0, 1], [0, 1])})\n"
-            "alice3d.viz.slices.ortho_slices(np.zeros((8, 8, 8)), max_px=64)\n"
+            "alice3d.viz.ortho.ortho_slices(np.zeros((8, 8, 8)), max_px=64)\n"
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -162,7 +162,7 @@ def _write_case(job: dict) -> dict:
     save_nifti(image, aff, out / job["image"])
     save_nifti(label, aff, out / job["label"])
     if job.get("preview"):
-        from ...viz.slices import save_preview
+        from ...viz.ortho import save_preview
 
         save_preview(out / "previews" / f"{job['case']}.png", image, label, affine=aff)
     m.meta.update(image=job["image"], label=job["label"])
