@@ -186,12 +186,12 @@ def test_letters_are_drawn_beside_the_image_edges():
 
 
 def test_each_letter_goes_to_its_own_edge(monkeypatch):
-    from alice3d.viz import slices
+    from alice3d.viz import ortho
 
     vol, _, _ = _phantom()
     for k, side in enumerate(("left", "right", "top", "bottom")):
         only = tuple("W" if i == k else "" for i in range(4))
-        monkeypatch.setitem(slices.EDGE_LETTERS, "axial", only)
+        monkeypatch.setitem(ortho.EDGE_LETTERS, "axial", only)
         cell = ortho_views(vol, max_px=96)[0]
         lo, hi = _grey_box(cell)
         rows, cols = np.nonzero(_letter_pixels(cell))
