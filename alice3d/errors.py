@@ -7,8 +7,12 @@ exception that fits (ValueError, RuntimeError), so `except ValueError` keeps wor
 
 from __future__ import annotations
 
-__all__ = ["Alice3DError"]
+__all__ = ["Alice3DError", "DataError"]
 
 
 class Alice3DError(Exception):
     """An expected failure whose message is meant for the user."""
+
+
+class DataError(Alice3DError, ValueError):
+    """Unusable input data (file, datalist or array); the message names the file."""

@@ -16,16 +16,36 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
+
+from alice3d.cli.common import (
+    add_config_args,
+    prepare_run_dir,
+    resolve_config,
+    run_main,
+    setup_logging,
+)
+from alice3d.data.io import load_volume
+from alice3d.viz.mosaic import mosaic
+from alice3d.viz.ortho import ortho_slices
+from alice3d.viz.png import write_png
+from landmark.config import LandmarkConfig
+from landmark.embed_cache import (
+    MAX_GB_ENV,
+    cache_info,
+    cache_max_bytes,
+    clear_cache,
+    default_cache_dir,
+)
+from landmark.match import Matcher, check_points_inside, parse_points, read_points_file
+from landmark.train import load_train_volumes, train_landmark
 
 log = logging.getLogger("alice3d.landmark")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alice3d.cli.common import add_config_args
-    from landmark.config import LandmarkConfig
-
     p = argparse.ArgumentParser(prog="alice3d-landmark",
                                 description="Self-supervised anatomical landmark matcher (SAM-style).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,10 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alice3d.cli.common import prepare_run_dir, resolve_config
-    from landmark.config import LandmarkConfig
-    from landmark.train import load_train_volumes, train_landmark
-
     extra = [f"data.data={args.data}"] if args.data is not None else []
     cfg = resolve_config(LandmarkConfig, args, extra)
     out = prepare_run_dir(args.out, args.resume)
@@ -103,16 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _matcher(args: argparse.Namespace):
-    from landmark.match import Matcher
-
     return Matcher(args.model, cache_dir=args.cache_dir, device=args.device, use_cache=not args.no_cache,
                    consistency=getattr(args, "consistency", None))
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    from alice3d.data.io import load_volume
-    from landmark.match import check_points_inside, parse_points, read_points_file
-
     points = parse_points(args.points) if args.points is not None else read_points_file(args.points_file)
     matcher = _matcher(args)
     src = load_volume(args.source)
@@ -131,10 +142,6 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 def write_match_png(path: Path, src, dst, points, found, scores) -> Path:
     """Rows of ortho slices: query on A, then its match on B, for each point (at most 8)."""
-    from alice3d.viz.mosaic import mosaic
-    from alice3d.viz.png import write_png
-    from alice3d.viz.ortho import ortho_slices
-
     def mm(p) -> str:
         return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ") mm"
 
@@ -147,8 +154,6 @@ def write_match_png(path: Path, src, dst, points, found, scores) -> Path:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import time
-
     matcher = _matcher(args)
     for image in args.images:
         t0 = time.perf_counter()
@@ -167,10 +172,6 @@ def _size(n: float) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import time
-
-    from landmark.embed_cache import MAX_GB_ENV, cache_info, cache_max_bytes, clear_cache, default_cache_dir
-
     folder = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     if args.clear:
         n, freed = clear_cache(folder)
@@ -210,8 +211,6 @@ def _attach_points(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from alice3d.cli.common import run_main, setup_logging
-
     args = build_parser().parse_args(_attach_points(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(getattr(args, "verbose", False))
     commands = {"train": cmd_train, "match": cmd_match, "embed": cmd_embed, "cache": cmd_cache}

@@ -16,14 +16,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from alice3d.config import load_config
+from alice3d.data.phantom import PHANTOM_VERSION, build_cache_dir, cache_root
+from alice3d.train.checkpoint import load_checkpoint
+from landmark.config import LandmarkConfig
+from landmark.train import load_train_volumes, train_landmark
+
 log = logging.getLogger("alice3d.landmark")
 
 DEFAULT_VERSION = 2  # bump when the default configuration or training changes
 
 
 def default_model_dir(n: int = 16, seed: int = 0) -> Path:
-    from alice3d.data.phantom import cache_root
-
     return cache_root() / "landmark" / f"phantom-n{n}-s{seed}-v{DEFAULT_VERSION}"
 
 
@@ -32,9 +36,6 @@ SHIPPED = Path(__file__).with_name("resources") / "default_phantom_n16_s0.pt"
 
 def shipped_model(n: int, seed: int) -> Path | None:
     """The shipped model when it is the one ``default_landmark_model(n, seed)`` would train, else None."""
-    from alice3d.data.phantom import PHANTOM_VERSION
-    from alice3d.train.checkpoint import load_checkpoint
-
     if not SHIPPED.is_file():
         return None
     info = load_checkpoint(SHIPPED, expect_kind="alice3d-landmark")["metadata"].get("shipped_default", {})
@@ -45,11 +46,6 @@ def shipped_model(n: int, seed: int) -> Path | None:
 
 def default_landmark_model(n: int = 16, seed: int = 0) -> Path:
     """Path of ``landmark.pt`` trained with the default config on ``default_cohort(n, seed)``."""
-    from alice3d.config import load_config
-    from alice3d.data.phantom import build_cache_dir
-    from landmark.config import LandmarkConfig
-    from landmark.train import load_train_volumes, train_landmark
-
     shipped = shipped_model(n, seed)
     if shipped is not None:
         return shipped

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from landmark.preprocess import BODY_HU
+from alice3d.config import from_dict
+from alice3d.data.io import load_volume
+from alice3d.data.phantom import correspond, load_cohort_maps
+from landmark.config import ModelConfig
+from landmark.model import build_model, recalibrate_norms
+from landmark.preprocess import BODY_HU, prepare_array
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -69,9 +75,6 @@ def summarize(errors: np.ndarray) -> dict:
 
 def load_cases(cohort_dir: str | Path) -> tuple[list[Case], dict]:
     """Volumes (HU) and subject maps of a generated phantom cohort."""
-    from alice3d.data.io import load_volume
-    from alice3d.data.phantom import load_cohort_maps
-
     cohort_dir = Path(cohort_dir)
     maps = load_cohort_maps(cohort_dir)
     cases = []
@@ -90,8 +93,6 @@ def evaluate_pairs(cases: Sequence[Case], maps: dict, methods: dict[str, Callabl
     ``methods``: name -> ``fn(case_a, case_b, points (N, 3)) -> predicted points (N, 3)`` (world mm).
     Points whose true location falls outside B's field of view are not counted.
     """
-    from alice3d.data.phantom import correspond
-
     if len(cases) < 2:
         raise ValueError("evaluation needs at least two subjects")
     rng = np.random.default_rng(seed)
@@ -150,13 +151,6 @@ def untrained_network(model_meta: dict, volumes: Sequence, seed: int = 0, crops:
     Without data statistics a random network's embeddings all point one way (cosine ~1), which
     would make a needlessly weak baseline; with them it is a fair "random features" matcher.
     """
-    import torch
-
-    from alice3d.config import from_dict
-    from landmark.config import ModelConfig
-    from landmark.preprocess import prepare_array
-    from landmark.model import build_model, recalibrate_norms
-
     torch.manual_seed(seed)
     net = build_model(from_dict(ModelConfig, model_meta["model"]))
     rng = np.random.default_rng(seed)

@@ -20,13 +20,15 @@ import torch
 from torch.utils.data import Dataset
 
 from alice3d.config import ConfigError, DataConfig, check_choice
-from alice3d.errors import Alice3DError
 from alice3d.data.builders import load_volumes
 from alice3d.data.crops import crop_at
 from alice3d.data.geometry import apply_affine
 from alice3d.data.report import DataReport
+from alice3d.errors import Alice3DError
+from alice3d.runtime import progress
 from alice3d.train.module import BatchDataset
 from landmark.defaults import default_landmark_model
+from landmark.match import Matcher
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -118,8 +120,6 @@ class PairSampler:
         self.matcher = None
         self.embeddings: list = []
         if matcher is not None:
-            from landmark.match import Matcher
-
             if not isinstance(matcher, Matcher):
                 matcher = Matcher(matcher, device=device, memory_items=max(32, len(volumes)))
             self.matcher = matcher
@@ -169,7 +169,6 @@ class PairSampler:
             sources = [v.path for v in volumes]
         if len(sources) != len(volumes):
             raise PairError(f"sources: expected {len(volumes)} entries (one per volume), got {len(sources)}")
-        from alice3d.runtime import progress
 
         return [self.matcher.embed(src) for src in progress(list(sources), desc="landmark embeddings",
                                                             unit="volume", logger=log)]
@@ -289,8 +288,6 @@ def build_pair_sampler(volumes: Sequence, landmark: str | os.PathLike | None, cr
     """Sampler for pretraining: ``landmark`` = path to landmark.pt, or None for the position baseline."""
     matcher = None
     if landmark is not None:
-        from landmark.match import Matcher
-
         matcher = Matcher(landmark, device=device, memory_items=max(32, len(volumes)))
     return PairSampler(volumes, matcher, crop_size=crop_size, min_score=min_score, max_retries=max_retries,
                        seed=seed, **kwargs)

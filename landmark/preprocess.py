@@ -15,7 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alice3d.config import from_dict
+from alice3d.config import from_dict, to_dict
+from alice3d.data.io import reorient_to_ras, resample_to_spacing
+from alice3d.data.volumes import normalize_hu
+from alice3d.train.checkpoint import load_checkpoint
 from landmark.config import ModelConfig
 from landmark.embed_cache import hash_arrays
 from landmark.model import LandmarkNet, build_model, embed_volume, grid_affine
@@ -29,8 +32,6 @@ BODY_HU = -500.0  # above: soft tissue, fat, bone; below: air and lung
 
 def load_landmark_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[LandmarkNet, dict]:
     """Rebuild the network from ``landmark.pt``; refuses files of another kind (metadata ``kind``)."""
-    from alice3d.train.checkpoint import load_checkpoint
-
     obj = load_checkpoint(path, map_location=map_location, expect_kind=MODEL_KIND)
     meta = obj["metadata"]
     try:
@@ -59,8 +60,6 @@ def _upgrade_model_meta(model: dict) -> dict:
 
 def model_key(net: LandmarkNet, spacing: Sequence[float], hu_window: Sequence[float]) -> str:
     """Digest of the weights, architecture and input normalisation (part of every cache key)."""
-    from alice3d.config import to_dict
-
     state = net.state_dict()
     parts: list = [EMBED_FORMAT, to_dict(net.cfg), [float(s) for s in spacing], [float(h) for h in hu_window]]
     for name in sorted(state):
@@ -70,16 +69,12 @@ def model_key(net: LandmarkNet, spacing: Sequence[float], hu_window: Sequence[fl
 
 def window_channels(hu: np.ndarray, hu_window: Sequence[float], extra_windows: Sequence = ()) -> np.ndarray:
     """HU array ``(*S)`` -> ``(1 + len(extra_windows), *S)`` float32, each window clipped to [0, 1]."""
-    from alice3d.data.volumes import normalize_hu
-
     return np.stack([normalize_hu(hu, w) for w in (hu_window, *extra_windows)])
 
 
 def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float],
                   extra_windows: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
     """``Volume`` (HU) -> RAS, resampled to ``spacing`` (mm), windowed: ``(array (C, X, Y, Z), affine)``."""
-    from alice3d.data.io import reorient_to_ras, resample_to_spacing
-
     v = resample_to_spacing(reorient_to_ras(volume), tuple(float(s) for s in spacing))
     return window_channels(v.array, hu_window, extra_windows), np.asarray(v.affine, dtype=np.float64)
 

@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from alice3d.data.geometry import apply_affine
 from alice3d.train.module import BatchDataset
-
 from landmark.config import CropConfig
 from landmark.model import grid_affine
 

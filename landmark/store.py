@@ -19,7 +19,14 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from landmark.embed_cache import CacheError, hash_arrays, read_entry, trim_cache, write_entry
+from alice3d.data.io import Volume, load_volume
+from landmark.embed_cache import (
+    CacheError,
+    hash_arrays,
+    read_entry,
+    trim_cache,
+    write_entry,
+)
 from landmark.points import check_points_inside
 
 log = logging.getLogger("alice3d.landmark")
@@ -60,8 +67,6 @@ def image_key(volume) -> str:
 
 def as_volume(item):
     """A ``Volume`` as it is, or the image at a path loaded (HU, any orientation)."""
-    from alice3d.data.io import Volume, load_volume
-
     if isinstance(item, Volume):
         return item
     if isinstance(item, (str, os.PathLike)):

@@ -6,12 +6,17 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from alice3d.config import save_config, to_dict
+from alice3d.data.volumes import load_volume_set, resolve_image_paths
+from alice3d.train.checkpoint import atomic_save
 from alice3d.train.module import TrainModule
+from alice3d.train.trainer import Trainer
 from landmark.config import LandmarkConfig
 from landmark.loss import landmark_loss
+from landmark.match import window_channels
 from landmark.model import LandmarkNet, build_model
 from landmark.sampling import TrainVolume, ViewPairDataset, make_train_volume
 
@@ -53,8 +58,6 @@ def model_metadata(cfg: LandmarkConfig) -> dict:
 
 
 def save_landmark_model(net: LandmarkNet, cfg: LandmarkConfig, path: str | Path) -> Path:
-    from alice3d.train.checkpoint import atomic_save
-
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     return atomic_save({"state_dict": state, "metadata": model_metadata(cfg)}, path)
 
@@ -66,8 +69,6 @@ def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir:
     Returns the path of landmark.pt, or None when a signal interrupted the run: its checkpoint is
     saved for ``--resume`` and no model is written from the partial weights.
     """
-    from alice3d.train.trainer import Trainer
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -92,11 +93,6 @@ def load_train_volumes(cfg: LandmarkConfig, bad: list | None = None) -> list[Tra
     Volumes smaller than the training crop are bad data like unreadable ones (quarantined or
     fatal per ``data.on_bad_data``); ``bad``, when given, receives their ``(path, reason)``.
     """
-    import numpy as np
-
-    from alice3d.data.volumes import load_volume_set, resolve_image_paths
-    from landmark.match import window_channels
-
     paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
     vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data,
                            min_shape=cfg.crop.size, min_volumes=1)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from alice3d.core.masking import gather_tokens, mask_to_image, random_masking
 from alice3d.encoders.resnet import ResNetEncoder
 from alice3d.encoders.vit import ViTEncoder
+from alice3d.methods.convmim import default_mask_patch
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -105,7 +106,6 @@ def block_features(
 def _default_mask_patch(encoder: nn.Module, spatial_dims: int) -> tuple[int, ...]:
     if isinstance(encoder, ViTEncoder):
         return tuple(encoder.patch_size)
-    from alice3d.methods.convmim import default_mask_patch
 
     return (default_mask_patch(spatial_dims),) * spatial_dims
 
@@ -217,7 +217,7 @@ def read_cka_csv(path: str | os.PathLike) -> dict[float, list[float]]:
 
 def plot_cka(results: dict[float, list[float]], path: str | os.PathLike, title: str = "CKA: masked vs full input") -> Path:
     """One line per mask ratio, CKA against block index."""
-    from alice3d.viz.plots import line_plot  # here, so computing CKA does not import matplotlib
+    from alice3d.viz.plots import line_plot  # matplotlib is heavy: imported only when plotting
 
     series = {f"mask {r:g}": (np.arange(1, len(v) + 1), np.asarray(v)) for r, v in sorted(results.items())}
     return line_plot(series, path, title=title, xlabel="block", ylabel="linear CKA", ylim=(0.0, 1.02), integer_x=True)

@@ -24,12 +24,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import ndimage
 
 from alice3d.data.crops import crop_at
-from alice3d.data.io import DataError, Volume
+from alice3d.data.datalists import load_datalist
+from alice3d.data.io import (
+    DataError,
+    Volume,
+    load_volume,
+    reorient_to_ras,
+    resample_to_spacing,
+)
+from alice3d.data.phantom import default_cohort
+from alice3d.data.volumes import normalize_hu
 from alice3d.encoders.resnet import ResNetEncoder
 from alice3d.encoders.vit import ViTEncoder
 from alice3d.methods.cae import CrossAttentionBlock
+from alice3d.train.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +112,7 @@ def load_labeled_volumes(
     keys: Sequence[str] = ("training", "validation"),
 ) -> list[Volume]:
     """Image + label volumes of a datalist/folder (or the embedded phantom cohort), RAS, resampled, windowed to [0, 1]."""
-    from alice3d.data.datalists import load_datalist
-    from alice3d.data.io import load_volume, reorient_to_ras, resample_to_spacing
-    from alice3d.data.volumes import normalize_hu
-
     if not data:
-        from alice3d.data.phantom import default_cohort
-
         data = str(default_cohort(n=phantom_n, seed=phantom_seed) / "dataset_0.json")
     entries: list[dict] = []
     for key in keys:
@@ -144,8 +149,6 @@ def organ_center_task(
     margin: centres are taken at least this many voxels inside the class (binary erosion), so
     the centre label is unambiguous. The first `train_fraction` of the volumes are training subjects.
     """
-    from scipy import ndimage
-
     classes = dict(DEFAULT_PROBE_CLASSES if classes is None else classes)
     names = list(classes) + ["other"]
     size = tuple(int(s) for s in size)
@@ -334,8 +337,6 @@ _VIT_ARGS = ("img_size", "patch_size", "in_channels", "spatial_dims", "hidden_si
 
 def encoder_from_file(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a frozen ViT or ResNet encoder from an `encoder.pt` (weights loaded strict, eval mode)."""
-    from alice3d.train.checkpoint import CheckpointError, load_checkpoint
-
     obj = load_checkpoint(path, expect_kind="alice3d-encoder")
     state, meta = obj.get("state_dict"), obj.get("metadata", {})
     args = meta.get("arch_args", {})

@@ -28,13 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from monai.data import save_net_with_metadata
 
 from alice3d.bundle.docs import license_text, readme
-from alice3d.bundle.inference_config import check_mirrors_finetune, inference_config
-from alice3d.bundle.metadata import SCHEMA_PATH, BundleInfo, bundle_metadata, validate_metadata
-from alice3d.bundle.network import (NNFORMER_SOURCE, build_inference_network, inference_state_dict, needs_scripts,
-                                    network_def, network_output, to_torchscript)
 from alice3d.bundle.errors import ExportError
+from alice3d.bundle.inference_config import check_mirrors_finetune, inference_config
+from alice3d.bundle.metadata import (
+    SCHEMA_PATH,
+    BundleInfo,
+    bundle_metadata,
+    validate_metadata,
+)
+from alice3d.bundle.network import (
+    NNFORMER_SOURCE,
+    build_inference_network,
+    inference_state_dict,
+    needs_scripts,
+    network_def,
+    network_output,
+    to_torchscript,
+)
 from alice3d.bundle.source import ExportSource, load_source
 from alice3d.finetune.models import count_parameters
 from alice3d.train.checkpoint import atomic_save
@@ -109,8 +122,6 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _assemble(src: ExportSource, tmp: Path, info: BundleInfo) -> ExportResult:
-    from monai.data import save_net_with_metadata
-
     task, spec = src.loaded.task, src.loaded.spec
     sd = inference_state_dict(src.state_dict, spec)
     net = build_inference_network(spec, sd)

@@ -16,6 +16,11 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import monai
+import numpy
+import torch
+
+import alice3d
 from alice3d.bundle.errors import ExportError
 from alice3d.bundle.network import NETWORK_PACKAGES
 from alice3d.finetune.tasks import TaskSpec
@@ -70,10 +75,6 @@ def _release(v: str) -> str:
 
 
 def software_versions(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
-    import monai
-    import numpy
-    import torch
-
     return {
         "monai_version": _release(monai.__version__),
         "pytorch_version": _release(torch.__version__),
@@ -161,7 +162,6 @@ def bundle_metadata(task: TaskSpec, spec: dict[str, Any], info: BundleInfo, *, r
         "trained from random initialisation"
     cite_alice = bool(pretrained) and pretrained_method == "alice"
     refs = [REFERENCES[spec["name"]], *([REFERENCES["alice"]] if cite_alice else []), REFERENCES["monai"]]
-    import alice3d
 
     return {
         "schema": MONAI_SCHEMA_URL,
@@ -200,7 +200,7 @@ def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
 def validate_metadata(meta: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> bool:
     """Validate against the vendored schema; ``False`` (nothing checked) without ``jsonschema``."""
     try:
-        import jsonschema
+        import jsonschema  # optional: installed with the test extra only
     except ImportError:
         return False
     try:

@@ -18,6 +18,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from alice3d.analysis.cka import (
+    DEFAULT_RATIOS,
+    occlusion_invariance,
+    plot_cka,
+    write_cka_csv,
+)
+from alice3d.analysis.probing import (
+    encoder_from_file,
+    load_labeled_volumes,
+    organ_center_task,
+    run_probes,
+)
+from alice3d.cli.common import run_main, setup_logging
+from alice3d.config import load_config
+from alice3d.methods import METHODS
+from alice3d.pretrain.config import PretrainConfig
+from alice3d.pretrain.run import build_dataset
+from alice3d.train.checkpoint import load_checkpoint
+from alice3d.viz.ortho import save_volume_panels
+
 log = logging.getLogger("alice3d.analyze")
 
 
@@ -29,8 +51,6 @@ def _floats(text: str) -> list[float]:
 
 
 def _task_for(meta: dict[str, Any], args: argparse.Namespace):
-    from alice3d.analysis.probing import load_labeled_volumes, organ_center_task
-
     arch_args = meta.get("arch_args", {})
     size = meta.get("crop_size") or arch_args.get("img_size")
     if not size:
@@ -47,8 +67,6 @@ def _task_for(meta: dict[str, Any], args: argparse.Namespace):
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from alice3d.analysis.probing import encoder_from_file, run_probes
-
     encoder, meta = encoder_from_file(args.encoder)
     task = _task_for(meta, args)
     results = run_probes(encoder, task, kinds=args.kinds.split(","), seed=args.seed, steps=args.steps)
@@ -63,9 +81,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_cka(args: argparse.Namespace) -> int:
-    from alice3d.analysis.cka import occlusion_invariance, plot_cka, write_cka_csv
-    from alice3d.analysis.probing import encoder_from_file
-
     encoder, meta = encoder_from_file(args.encoder)
     task = _task_for(meta, args)
     images = task.images[: args.n]
@@ -81,15 +96,6 @@ def cmd_cka(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    import torch
-
-    from alice3d.viz.ortho import save_volume_panels
-    from alice3d.methods import METHODS
-    from alice3d.pretrain.config import PretrainConfig
-    from alice3d.pretrain.run import build_dataset
-    from alice3d.config import load_config
-    from alice3d.train.checkpoint import load_checkpoint
-
     run = Path(args.run)
     cfg = load_config(PretrainConfig, run / "config.yaml")
     if cfg.method not in METHODS:
@@ -112,8 +118,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alice3d.analysis.cka import DEFAULT_RATIOS
-
     p = argparse.ArgumentParser(prog="alice3d-analyze", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -155,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alice3d.cli.common import run_main, setup_logging
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     run_main(lambda: args.fn(args))

@@ -14,6 +14,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..data.datalists import load_datalist
+from ..data.inspect import SAMPLE_SLICES
+from ..data.io import DataError, load_volume
+from ..data.phantom import SIZES, generate_cohort
+from ..data.validate import inspect_datalist
+from ..viz.ortho import save_preview
+
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     try:
@@ -42,9 +49,6 @@ def _label_set(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.inspect import SAMPLE_SLICES
-    from ..data.phantom import SIZES
-
     p = argparse.ArgumentParser(prog="alice3d-data", description="Synthetic CT phantoms, previews and data checks.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -91,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_phantoms(args) -> int:
-    from ..data.phantom import generate_cohort
-
     t0 = time.time()
     out = generate_cohort(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers,
                           preview=args.preview, progress=sys.stderr.isatty())
@@ -102,9 +104,6 @@ def _cmd_phantoms(args) -> int:
 
 
 def _cmd_preview(args) -> int:
-    from ..viz.ortho import save_preview
-    from ..data.io import DataError, load_volume
-
     try:
         vol = load_volume(args.image, args.label)
     except DataError as e:
@@ -158,11 +157,6 @@ def _print_reports(key: str, reports) -> None:
 
 
 def _cmd_validate(args) -> int:
-    from ..data.datalists import load_datalist
-    from ..data.inspect import SAMPLE_SLICES
-    from ..data.io import DataError
-    from ..data.validate import inspect_datalist
-
     keys = args.key or ["training", "validation"]
     labels = args.labels if args.labels is not None else _header_labels(args.data)
     modality = args.modality or _header_modality(args.data)

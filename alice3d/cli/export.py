@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from alice3d.bundle.export import export_bundle
+from alice3d.bundle.metadata import BundleInfo
 from alice3d.cli.common import run_main, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alice3d.bundle.metadata import BundleInfo
-
     d = BundleInfo()
     p = argparse.ArgumentParser(
         prog="alice3d-export",
@@ -40,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 def export_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from alice3d.bundle.export import export_bundle
-    from alice3d.bundle.metadata import BundleInfo
 
     info = BundleInfo(name=args.name, version=args.version, authors=args.authors, copyright=args.copyright)
     result = export_bundle(args.run, args.out, force=args.force, info=info)  # ExportError: run_main prints it

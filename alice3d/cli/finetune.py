@@ -12,9 +12,18 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
+from alice3d.cli.common import (
+    add_config_args,
+    prepare_run_dir,
+    resolve_config,
+    run_main,
+    setup_logging,
+)
 from alice3d.core.dist import is_main_process
+from alice3d.data.io import DataError
 from alice3d.finetune.config import FinetuneConfig
+from alice3d.finetune.predict import predict
+from alice3d.finetune.train import run_finetune
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -72,7 +81,6 @@ def train_main(argv: Sequence[str]) -> int:
     setup_logging(args.verbose)
     cfg = resolve_config(FinetuneConfig, args, _flag_overrides(args))
     out = prepare_run_dir(args.out, args.resume, marker="config.yaml")
-    from alice3d.finetune.train import run_finetune
 
     results = run_finetune(cfg, out, resume=args.resume)
     if not is_main_process():
@@ -87,15 +95,12 @@ def train_main(argv: Sequence[str]) -> int:
 def predict_main(argv: Sequence[str]) -> int:
     args = _predict_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from alice3d.finetune.predict import predict
 
     predict(args.run, args.image, args.out, device=args.device)  # it logs where it wrote: no second line here
     return 0
 
 
 def _reporting_data_errors(fn, argv: Sequence[str]) -> int:
-    from alice3d.data.io import DataError
-
     try:
         return fn(argv)
     except DataError as e:

@@ -20,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+
+from alice3d.data.datalists import BTCV_LABELS
+from alice3d.data.phantom import held_out_phantom
 
 
 def run_stage(name: str, cmd: list[str], done_marker: Path, log: list[dict]) -> None:
@@ -77,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     run_stage("bundle export", [py, "-m", "alice3d.cli.export", "--run", str(ft), "--out", str(bundle)],
               bundle / "configs" / "metadata.json", log)
 
-    from alice3d.data.phantom import held_out_phantom
-
     held.mkdir(exist_ok=True)
     image, label = held / "img_heldout.nii.gz", held / "label_heldout.nii.gz"
     if not image.exists():
@@ -90,10 +92,6 @@ def main(argv: list[str] | None = None) -> None:
                "--output_dir", str(pred_dir), "--device", "cpu"],
               pred_dir / ".done", log)
     (pred_dir / ".done").touch()
-
-    import nibabel as nib
-
-    from alice3d.data.datalists import BTCV_LABELS
 
     seg_files = sorted(pred_dir.rglob("*.nii.gz"))
     if not seg_files:

@@ -13,8 +13,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from alice3d.cli.common import (add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging,
-                                write_resolved_config)
+from alice3d.cli.common import (
+    add_config_args,
+    prepare_run_dir,
+    resolve_config,
+    run_main,
+    setup_logging,
+    write_resolved_config,
+)
 from alice3d.pretrain.config import PretrainConfig
 from alice3d.pretrain.run import pretrain
 

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from monai.data import load_decathlon_datalist
+
 from .io import IMAGE_SUFFIXES, DataError, is_dicom_dir
 
 BTCV_ORGANS = {
@@ -45,8 +47,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_json_datalist(path: Path, key: str, base_dir, check_exists: bool = True) -> list[dict]:
-    from monai.data import load_decathlon_datalist
-
     doc = _read_json(path)
     if key not in doc:
         splits = [k for k, v in doc.items() if isinstance(v, list)]

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import SimpleITK as sitk
 
-from .io import DataError, itk_geometry, itk_to_ras_affine
+from alice3d.errors import DataError
+
+from .geometry import itk_geometry, itk_to_ras_affine
 
 TAG_POSITION = "0020|0032"  # ImagePositionPatient: LPS mm of the first voxel of the slice
 TAG_ORIENTATION = "0020|0037"  # ImageOrientationPatient: row and column direction cosines (LPS)
@@ -47,8 +50,6 @@ def quiet_itk() -> Iterator[None]:
     Re-entrant and thread-safe: volumes load in a thread pool and the switch is process-wide,
     so it is restored only when the last reader leaves.
     """
-    import SimpleITK as sitk
-
     global _quiet_depth, _quiet_saved
     with _quiet_lock:
         if _quiet_depth == 0:
@@ -104,8 +105,6 @@ def _numbers(reader, tag: str, n: int, file: str, what: str) -> np.ndarray:
 
 def _header(file: str):
     """A SimpleITK ImageFileReader holding ``file``'s header (no voxels read)."""
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.LoadPrivateTagsOff()
@@ -127,8 +126,6 @@ def _read_slice(file: str) -> _Slice:
 
 def _series_files(folder: str) -> list[str]:
     """The files of the folder's only series; several series in one folder are an error."""
-    import SimpleITK as sitk
-
     with quiet_itk():
         ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or []
         series = {i: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, i) for i in ids}

@@ -1,4 +1,5 @@
-"""Points through affines: the one helper every package uses, for numpy arrays and torch tensors."""
+"""Points through affines (the one helper every package uses, for numpy arrays and torch tensors) and the
+conversion between SimpleITK's LPS geometry and RAS affines."""
 
 from __future__ import annotations
 
@@ -27,3 +28,36 @@ def apply_affine(affine: Any, points: Any) -> Any:
         raise ValueError(f"apply_affine: points with {n} coordinates need a ({n + 1}, {n + 1}) affine, "
                          f"got shape {tuple(affine.shape)}")
     return points @ affine[:n, :n].T + affine[:n, n]
+
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def itk_to_ras_affine(origin, spacing, direction) -> np.ndarray:
+    """SimpleITK (LPS origin, spacing, row-major direction) -> (4, 4) RAS voxel->world affine."""
+    nd = len(spacing)
+    aff = np.eye(4)
+    d = np.asarray(direction, dtype=np.float64).reshape(nd, nd)
+    aff[:nd, :nd] = d * np.asarray(spacing, dtype=np.float64)[None, :]
+    aff[:nd, 3] = origin
+    return LPS_TO_RAS @ aff
+
+
+def itk_geometry(obj) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(origin (3,), spacing (3,), direction (3, 3)) in LPS of a SimpleITK image or reader that has read
+    the image information; a 2-D image gets unit spacing and identity direction along the missing axis."""
+    nd = obj.GetDimension()
+    k = min(nd, 3)
+    origin, spacing, direction = np.zeros(3), np.ones(3), np.eye(3)
+    origin[:k] = obj.GetOrigin()[:k]
+    spacing[:k] = obj.GetSpacing()[:k]
+    direction[:k, :k] = np.asarray(obj.GetDirection()).reshape(nd, nd)[:k, :k]
+    return origin, spacing, direction
+
+
+def ras_affine_to_itk(affine: np.ndarray):
+    """(4, 4) RAS affine -> (origin, spacing, direction) in SimpleITK's LPS convention."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing[None, :]
+    return tuple(lps[:3, 3]), tuple(spacing), tuple(direction.ravel())

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from nibabel import orientations as nio
 
-from .io import DataError, Volume, is_nifti, read_array
+from .dicom import quiet_itk, read_series
+from .io import DataError, Volume, _nifti_image, is_nifti, read_array
 
 # Multi-organ label maps have at most ~120 classes (TotalSegmentator: 117 + background), while
 # CT in HU and MR images have hundreds to thousands of distinct intensities.
@@ -151,8 +153,6 @@ def _slice_steps(n: int, k: int) -> int:
 
 
 def _sample_nifti(path: str, max_slices: int) -> np.ndarray:
-    from .io import _nifti_image
-
     img = _nifti_image(path)
     if len(img.shape) < 3:
         return np.asanyarray(img.dataobj)
@@ -165,10 +165,6 @@ def _sample_nifti(path: str, max_slices: int) -> np.ndarray:
 
 
 def _sample_dicom(folder: str, max_slices: int) -> np.ndarray:
-    import SimpleITK as sitk
-
-    from .dicom import quiet_itk, read_series
-
     files = read_series(folder).files
     chosen = files[:: _slice_steps(len(files), max_slices)]
     try:

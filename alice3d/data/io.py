@@ -20,18 +20,19 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+from monai import transforms as mt
 from nibabel import orientations as nio
+from scipy import ndimage
 
-from alice3d.errors import Alice3DError
+from alice3d.errors import DataError
+
+from .dicom import quiet_itk, read_series
+from .geometry import itk_geometry, itk_to_ras_affine, ras_affine_to_itk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm", ".img", ".hdr", ".tif", ".tiff")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".mha", ".mhd", ".nrrd", ".nhdr")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class DataError(Alice3DError, ValueError):
-    """Unusable input data (file, datalist or array); the message names the file."""
 
 
 @dataclass
@@ -109,36 +110,6 @@ def _check_ndim_shape(shape: Sequence[int], path: str, expect_ndim: int) -> tupl
     return shape
 
 
-def itk_to_ras_affine(origin, spacing, direction) -> np.ndarray:
-    """SimpleITK (LPS origin, spacing, row-major direction) -> (4, 4) RAS voxel->world affine."""
-    nd = len(spacing)
-    aff = np.eye(4)
-    d = np.asarray(direction, dtype=np.float64).reshape(nd, nd)
-    aff[:nd, :nd] = d * np.asarray(spacing, dtype=np.float64)[None, :]
-    aff[:nd, 3] = origin
-    return LPS_TO_RAS @ aff
-
-
-def itk_geometry(obj) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(origin (3,), spacing (3,), direction (3, 3)) in LPS of a SimpleITK image or reader that has read
-    the image information; a 2-D image gets unit spacing and identity direction along the missing axis."""
-    nd = obj.GetDimension()
-    k = min(nd, 3)
-    origin, spacing, direction = np.zeros(3), np.ones(3), np.eye(3)
-    origin[:k] = obj.GetOrigin()[:k]
-    spacing[:k] = obj.GetSpacing()[:k]
-    direction[:k, :k] = np.asarray(obj.GetDirection()).reshape(nd, nd)[:k, :k]
-    return origin, spacing, direction
-
-
-def ras_affine_to_itk(affine: np.ndarray):
-    """(4, 4) RAS affine -> (origin, spacing, direction) in SimpleITK's LPS convention."""
-    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    direction = lps[:3, :3] / spacing[None, :]
-    return tuple(lps[:3, 3]), tuple(spacing), tuple(direction.ravel())
-
-
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI_MAGICS = ((344, b"n+1\x00"), (4, b"n+2\x00"))  # (byte offset, magic) of single-file NIfTI-1 and NIfTI-2
 
@@ -192,11 +163,7 @@ def _nifti_data(img, path: str) -> np.ndarray:
 
 def _sitk_reader(path: str):
     """A SimpleITK reader for a file, or for a DICOM folder whose series passed `dicom.read_series`'s checks."""
-    import SimpleITK as sitk
-
     if Path(path).is_dir():
-        from .dicom import read_series
-
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(list(read_series(path).files))
         return reader
@@ -206,10 +173,6 @@ def _sitk_reader(path: str):
 
 
 def _load_sitk(path: str, expect_ndim: int) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
-    from .dicom import quiet_itk
-
     try:
         reader = _sitk_reader(path)
         with quiet_itk():  # problems ITK would only print are checked (DICOM series) or raised as errors
@@ -339,8 +302,6 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1
     that must share one voxel grid (crop pairs) need. The label map, if any, is resampled
     with nearest neighbour. The affine keeps its direction cosines.
     """
-    from scipy import ndimage
-
     nd = volume.array.ndim
     old = np.asarray(volume.spacing, dtype=np.float64)
     new = np.asarray(spacing, dtype=np.float64)
@@ -396,7 +357,6 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, d
     """Write NIfTI with nibabel or any SimpleITK format (.mha, .nrrd, ...) by file suffix."""
     if is_nifti(path):
         return save_nifti(array, affine, path, dtype)
-    import SimpleITK as sitk
 
     arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(tuple(range(arr.ndim))[::-1])))
@@ -424,8 +384,6 @@ def monai_load_transforms(
     Keys other than `image_key` are treated as label maps (nearest-neighbour resampling).
     Outputs are MetaTensors `(1, *spatial)` whose `.affine` is the RAS voxel->world affine.
     """
-    from monai import transforms as mt
-
     keys = list(keys)
     modes = ["bilinear" if k == image_key else "nearest" for k in keys]
     steps = [

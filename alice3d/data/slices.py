@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.transforms import Compose, RandSpatialCrop, SpatialPad
 from torch.utils.data import Dataset
@@ -73,8 +74,6 @@ def read_image_2d(path: str | Path, channels: int = 1) -> np.ndarray:
     Colour images become grey (channel mean) when `channels == 1`; a grey image is repeated
     when more channels are asked for. Raises DataError naming the file.
     """
-    import SimpleITK as sitk
-
     path = str(path)
     try:
         img = sitk.ReadImage(path)
@@ -138,8 +137,6 @@ class ImageFolderDataset(Dataset):
 
 def _check_images(paths: Sequence[str | Path], on_bad_data: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Read every image header up front; bad files are skipped (listed) or fail the run."""
-    import SimpleITK as sitk
-
     if on_bad_data not in ("skip", "fail"):
         raise ValueError(f"data.on_bad_data: expected 'skip' or 'fail', got {on_bad_data!r}")
     good, bad = [], []

@@ -20,8 +20,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .dicom import quiet_itk, read_series
+from .geometry import itk_geometry, itk_to_ras_affine
 from .inspect import VolumeStats, describe_volume, modality_warnings, sample_voxels
-from .io import DataError, is_nifti, label_array, load_volume, read_array
+from .io import (
+    DataError,
+    _check_ndim_shape,
+    _nifti_image,
+    _sitk_reader,
+    is_nifti,
+    label_array,
+    load_volume,
+    read_array,
+)
 
 __all__ = ["DataError", "CaseReport", "inspect_case", "validate_case", "check_case", "inspect_datalist",
            "validate_datalist", "header_info"]
@@ -54,8 +65,6 @@ def header_info(path: str | os.PathLike, expect_ndim: int = 3) -> tuple[tuple[in
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if is_nifti(path):
-        from .io import _check_ndim_shape, _nifti_image
-
         img = _nifti_image(path)
         shape = _check_ndim_shape(img.shape, path, expect_ndim)
         hdr = img.header
@@ -68,16 +77,11 @@ def header_info(path: str | os.PathLike, expect_ndim: int = 3) -> tuple[tuple[in
             raise DataError(f"{path}: truncated NIfTI file ({os.path.getsize(path)} bytes, expected {offset + nbytes})")
         aff = np.asarray(img.affine, dtype=np.float64)
     elif Path(path).is_dir():  # DICOM series: every slice header checked (gaps, duplicates, several series)
-        from .dicom import read_series
-        from .io import _check_ndim_shape
 
         series = read_series(path)
         shape = _check_ndim_shape(series.shape, path, expect_ndim)
         aff = series.ras_affine()
     else:
-        from .dicom import quiet_itk
-        from .io import _check_ndim_shape, _sitk_reader, itk_geometry, itk_to_ras_affine
-
         reader = _sitk_reader(path)
         try:
             with quiet_itk():

@@ -18,8 +18,16 @@ from typing import Sequence
 
 import numpy as np
 
+from alice3d.data.datalists import load_datalist
 from alice3d.data.inspect import log_modality_warnings
-from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
+from alice3d.data.io import (
+    DataError,
+    Volume,
+    load_volume,
+    reorient_to_ras,
+    resample_to_spacing,
+)
+from alice3d.data.phantom import default_cohort
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +45,7 @@ class VolumeSet:
 
 def resolve_image_paths(data: str, phantom_n: int = 16, phantom_seed: int = 0, key: str = "training") -> list[str]:
     """Image paths of a datalist JSON, a folder, or (``data == ""``) the embedded phantom cohort."""
-    from alice3d.data.datalists import load_datalist
-
     if not data:
-        from alice3d.data.phantom import default_cohort
-
         root = default_cohort(n=phantom_n, seed=phantom_seed)
         entries = load_datalist(root / "dataset_0.json", key="training")
         try:

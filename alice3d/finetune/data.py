@@ -23,13 +23,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from alice3d.data.datalists import scan_directory
 from alice3d.data.io import DataError, load_volume
 from alice3d.finetune.config import AugConfig, FinetuneDataConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
-from alice3d.finetune.transforms import preprocess_transforms, train_random_transforms, training_view
+from alice3d.finetune.transforms import (
+    preprocess_transforms,
+    train_random_transforms,
+    training_view,
+)
 from alice3d.runtime import progress
 
 log = logging.getLogger("alice3d.finetune")
@@ -241,8 +247,6 @@ def make_splits(lists: dict[str, list[Case]], cfg: FinetuneDataConfig, source: s
 
 
 def _meta_tensor(array: np.ndarray, affine: np.ndarray, path: str):
-    from monai.data import MetaTensor
-
     # "no_channel" as LoadImaged records it: without it MONAI 1.6 counts one spatial axis less
     # for a channel-less tensor and crops then forget to shift the last axis of the affine.
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
@@ -262,8 +266,6 @@ def check_label_ids(label: np.ndarray, task: TaskSpec, path: str) -> None:
 
 def prepare_case(case: Case, task: TaskSpec) -> Prepared:
     """Load, check and preprocess one case (raises DataError naming its files)."""
-    from monai.transforms import Compose
-
     seg = task.kind != CLASSIFICATION
     vol = load_volume(case.image, case.label if seg else None, reject_constant=True)
     lo = task.hu_window[0]

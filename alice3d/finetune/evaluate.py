@@ -13,17 +13,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 
 from alice3d.finetune.config import EvalConfig
 from alice3d.finetune.data import Prepared
 from alice3d.finetune.metrics import aggregate, case_metrics, results_markdown, roc_auc
+from alice3d.finetune.prediction_preview import save_prediction_preview
 from alice3d.finetune.tasks import TaskSpec
 
 
 def sliding_window_logits(predictor: Any, image: torch.Tensor, roi: Sequence[int], ecfg: EvalConfig) -> torch.Tensor:
     """``(B, C, *S)`` -> logits ``(B, K, *S)``; images smaller than the ROI are padded by MONAI."""
-    from monai.inferers import sliding_window_inference
-
     return sliding_window_inference(image, roi_size=tuple(int(r) for r in roi), sw_batch_size=ecfg.sw_batch_size,
                                     predictor=predictor, overlap=ecfg.sw_overlap, mode=ecfg.sw_mode)
 
@@ -65,8 +65,6 @@ def save_previews(model: Any, cases: Sequence[Prepared], task: TaskSpec, ecfg: E
                   predictions: dict[str, torch.Tensor] | None = None) -> list[Path]:
     """``out_dir/<case>.png``: ground truth over prediction for each of ``cases`` (predicted
     now unless ``predictions`` holds the case)."""
-    from alice3d.finetune.prediction_preview import save_prediction_preview
-
     was_training = model.training
     model.eval()
     paths = []

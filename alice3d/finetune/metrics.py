@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.metrics import SurfaceDiceMetric
 
 
 def _labels(x: Any) -> torch.Tensor:
@@ -62,8 +63,6 @@ def nsd_per_class(pred: Any, gt: Any, class_ids: Sequence[int], tolerances_mm: S
     prediction and ground truth (plus one voxel), which gives the same surfaces and
     distances as the whole volume without a full-size one-hot tensor per class.
     """
-    from monai.metrics import SurfaceDiceMetric
-
     p, g = _labels(pred), _labels(gt)
     if p.shape != g.shape:
         raise ValueError(f"nsd: prediction shape {tuple(p.shape)} != ground-truth shape {tuple(g.shape)}")

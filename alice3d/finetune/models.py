@@ -19,9 +19,11 @@ import math
 from typing import Any, Sequence
 
 import torch
+from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
 
 from alice3d.config import ConfigError
+from alice3d.encoders.nnformer import NNFormer, nnformer_configs
 from alice3d.encoders.registry import encoder_from_args, feature_dim
 from alice3d.finetune.config import CLASSIFIER_ENCODERS, MODELS, ModelConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
@@ -169,8 +171,6 @@ def _swin_unetr_spec(m: ModelConfig, task: TaskSpec, meta: dict | None, source: 
 
 
 def _nnformer_args(m: ModelConfig, task: TaskSpec, meta: dict | None, source: str) -> dict[str, Any]:
-    from alice3d.encoders.nnformer import nnformer_configs
-
     if meta is None:
         if m.nnformer_preset not in nnformer_configs:
             raise ConfigError(f"model.nnformer_preset: unknown {m.nnformer_preset!r}; expected one of {sorted(nnformer_configs)}")
@@ -276,20 +276,14 @@ class EncoderClassifier(nn.Module):
 def build_network(spec: dict[str, Any]) -> nn.Module:
     name, args = spec["name"], dict(spec["args"])
     if name == "unetr":
-        from monai.networks.nets import UNETR
-
         args["img_size"] = tuple(args["img_size"])
         return UNETR(**args)
     if name == "swin_unetr":
-        from monai.networks.nets import SwinUNETR
-
         for k in ("depths", "num_heads", "window_size"):
             if isinstance(args.get(k), list):
                 args[k] = tuple(args[k])
         return SwinUNETR(**args)
     if name == "nnformer":
-        from alice3d.encoders.nnformer import NNFormer
-
         return NNFormer(**args)
     if name == "classifier":
         return EncoderClassifier(**args)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from alice3d.data.io import DataError, load_volume, save_nifti
+from alice3d.data.phantom import default_cohort
 
 log = logging.getLogger("alice3d.finetune")
 
@@ -24,8 +25,6 @@ LESION_HU_DROP = 70.0
 
 
 def segmentation_cohort(n: int, seed: int) -> Path:
-    from alice3d.data.phantom import default_cohort
-
     return Path(default_cohort(n=n, seed=seed))
 
 

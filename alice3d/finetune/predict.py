@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.data.utils import dense_patch_slices
 
+from alice3d.core.dist import resolve_device
 from alice3d.data.inspect import log_modality_warnings
 from alice3d.data.io import DataError, is_nifti, load_volume, save_image, save_nifti
 from alice3d.finetune.config import EvalConfig
@@ -87,8 +90,6 @@ def window_batches(shape: Sequence[int], roi: Sequence[int], ecfg: EvalConfig) -
     MONAI pads the image to at least the ROI and steps ``int(roi * (1 - overlap))`` voxels
     (the whole axis where the padded size equals the ROI); ``sw_batch_size`` windows per call.
     """
-    from monai.data.utils import dense_patch_slices
-
     size = [max(int(s), int(r)) for s, r in zip(shape, roi)]
     interval = [r if r == s else max(1, int(r * (1 - ecfg.sw_overlap))) for s, r in zip(size, roi)]
     windows = len(dense_patch_slices(size, [int(r) for r in roi], interval))
@@ -139,8 +140,6 @@ def write_segmentation(seg: np.ndarray, image_path: str | Path, out_path: str | 
     dtype = np.uint8 if seg.max(initial=0) < 256 and seg.min(initial=0) >= 0 else np.int16
     image_path = str(image_path)
     if is_nifti(image_path) and is_nifti(out_path):
-        import nibabel as nib
-
         ref = nib.load(image_path)
         img = nib.Nifti1Image(seg.astype(dtype), ref.affine, header=ref.header)
         img.set_data_dtype(dtype)
@@ -152,8 +151,6 @@ def write_segmentation(seg: np.ndarray, image_path: str | Path, out_path: str | 
 
 
 def predict(run: str | Path, image: str | Path, out: str | Path, device: str = "auto") -> Path:
-    from alice3d.core.dist import resolve_device
-
     loaded = load_run(run, resolve_device(device))
     seg, affine = segment_file(loaded, image)
     path = write_segmentation(seg, image, out, affine)

@@ -17,15 +17,34 @@ import torch
 
 from alice3d.config import save_config
 from alice3d.core.dist import is_main_process
+from alice3d.core.schedules import cosine_warmup_factor
+from alice3d.encoders.files import load_encoder
+from alice3d.finetune import phantom_tasks
 from alice3d.finetune.config import FinetuneConfig
-from alice3d.finetune.data import Prepared, Split, TrainSamples, case_store, load_lists, make_splits, prepare_cases
-from alice3d.finetune.evaluate import (evaluate_classification, evaluate_segmentation, flat_metrics,
-                                       save_previews, write_results)
-from alice3d.finetune.metrics import aggregate
+from alice3d.finetune.data import (
+    Prepared,
+    Split,
+    TrainSamples,
+    case_store,
+    load_lists,
+    make_splits,
+    prepare_cases,
+)
+from alice3d.finetune.evaluate import (
+    evaluate_classification,
+    evaluate_segmentation,
+    flat_metrics,
+    save_previews,
+    write_results,
+)
+from alice3d.finetune.metrics import aggregate, roc_auc
 from alice3d.finetune.models import build_network, count_parameters, network_spec
 from alice3d.finetune.objectives import ClassificationTask, SegmentationTask
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec, resolve_task
 from alice3d.finetune.transfer import TransferReport, transfer_encoder
+from alice3d.train.checkpoint import load_checkpoint
+from alice3d.train.optim import param_groups
+from alice3d.train.trainer import Trainer
 
 log = logging.getLogger("alice3d.finetune")
 
@@ -53,7 +72,6 @@ def resolve_task_config(cfg: FinetuneConfig) -> TaskSpec:
 def load_pretrained(cfg: FinetuneConfig) -> Encoder | None:
     if not cfg.model.pretrained:
         return None
-    from alice3d.encoders.files import load_encoder
 
     sd, meta = load_encoder(cfg.model.pretrained)
     return Encoder(str(cfg.model.pretrained), sd, meta)
@@ -62,7 +80,6 @@ def load_pretrained(cfg: FinetuneConfig) -> Encoder | None:
 def data_root(cfg: FinetuneConfig, task: TaskSpec) -> str:
     if cfg.data.data:
         return cfg.data.data
-    from alice3d.finetune import phantom_tasks
 
     make = phantom_tasks.classification_cohort if task.kind == CLASSIFICATION else phantom_tasks.segmentation_cohort
     root = make(cfg.data.phantom_n, cfg.data.phantom_seed)
@@ -114,8 +131,6 @@ def build_optimization(cfg: FinetuneConfig, model: torch.nn.Module):
     o, t = cfg.optim, cfg.train
     if t.optimizer == "adamw" and o.schedule == "cosine":
         return None, None
-    from alice3d.core.schedules import cosine_warmup_factor
-    from alice3d.train.optim import param_groups
 
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
@@ -144,9 +159,6 @@ def _evaluate(model: Any, cases: list[Prepared], task: TaskSpec, cfg: FinetuneCo
 def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, resume: bool,
               encoder: Encoder | None) -> dict[str, Any] | None:
     """Train on ``split.train``, select on ``split.val``, write results; returns them (rank 0)."""
-    from alice3d.train.checkpoint import load_checkpoint
-    from alice3d.train.trainer import Trainer
-
     run_dir.mkdir(parents=True, exist_ok=True)
     on_bad = cfg.data.on_bad_data
     train_ok, bad_train = prepare_cases(split.train, task, on_bad, "training")
@@ -246,8 +258,6 @@ def pooled_results(task: TaskSpec, folds: list[dict[str, Any]], kfold: int) -> d
         cases.update(r["cases"])
         bad.update(r["bad_cases"])
     if task.kind == CLASSIFICATION:
-        from alice3d.finetune.metrics import roc_auc
-
         metrics = {"auc": roc_auc([c["prob"] for c in cases.values()], [c["label"] for c in cases.values()]),
                    "accuracy": sum(c["pred"] == c["label"] for c in cases.values()) / max(1, len(cases))}
     else:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from monai import transforms as mt
+from monai.transforms.utils import map_binary_to_indices
 
 from alice3d.finetune.config import AugConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
-
 
 # Axis labels of RAS+ world coordinates (nibabel's, and alice3d.data.io's, convention).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -74,9 +75,6 @@ def training_view(image, label, task: TaskSpec, max_indices: int = 200_000, seed
     ROI (as MONAI's cropping needs), plus flat indices of foreground voxels (label > 0) and
     of background voxels inside the body (image > 0), each uniformly subsampled to at most
     ``max_indices`` so that every crop does not rescan the whole volume."""
-    import numpy as np
-    from monai.transforms.utils import map_binary_to_indices
-
     d = mt.SpatialPadd(keys=["image", "label"], spatial_size=tuple(task.roi), mode="constant")(
         {"image": image, "label": label})
     fg, bg = map_binary_to_indices(d["label"] > 0, d["image"], image_threshold=0.0)

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import nibabel as nib
+import nibabel.orientations as nio
 import numpy as np
 
 from .mosaic import centre_in, mosaic, to_rgb
@@ -140,8 +142,6 @@ def draw_crosshair(rgb: np.ndarray, row: float, col: float, color=MARKER_COLOR, 
 
 
 def _reorient_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel.orientations as nio
-
     transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
     out = np.ascontiguousarray(nio.apply_orientation(array, transform))
     return out, affine @ nio.inv_ornt_aff(transform, array.shape)
@@ -151,7 +151,6 @@ def _as_ras(array, label, affine, point_vox, point_world):
     """Reorient to RAS when an affine is given; returns array, label, spacing, point (RAS voxels)."""
     if affine is None:
         return np.asarray(array), label, None, point_vox
-    import nibabel as nib
 
     affine = np.asarray(affine, dtype=np.float64)
     if point_vox is not None and point_world is None:

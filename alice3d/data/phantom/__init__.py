@@ -8,9 +8,25 @@ and an exact anatomical correspondence between any two subjects.
 """
 
 from alice3d.data.phantom.cohort import (
-    PHANTOM_VERSION, SIZES, SubjectMap, build_cache_dir, cache_root, case_id, correspond, default_cohort,
-    generate_cohort, get_template, held_out_phantom, landmarks_in_subject, load_cohort_maps, load_maps_file,
-    make_subject, render_case, resolve_size, split_counts, template_landmarks,
+    PHANTOM_VERSION,
+    SIZES,
+    SubjectMap,
+    build_cache_dir,
+    cache_root,
+    case_id,
+    correspond,
+    default_cohort,
+    generate_cohort,
+    get_template,
+    held_out_phantom,
+    landmarks_in_subject,
+    load_cohort_maps,
+    load_maps_file,
+    make_subject,
+    render_case,
+    resolve_size,
+    split_counts,
+    template_landmarks,
 )
 
 __all__ = [

@@ -15,6 +15,7 @@ Everything is deterministic for a seed; arrays (and files) are byte-identical be
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -25,14 +26,37 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from alice3d.runtime import Progress
+
+from ...viz.ortho import save_preview
 from ..datalists import write_btcv_datalist
 from ..io import save_nifti
 from .maps import (
-    MAPS_FILE, SubjectMap, case_id, correspond, landmarks_in_subject, load_cohort_maps, load_maps_file,
-    sample_subject_map, write_maps,
+    MAPS_FILE,
+    SubjectMap,
+    case_id,
+    correspond,
+    landmarks_in_subject,
+    load_cohort_maps,
+    load_maps_file,
+    sample_subject_map,
+    write_maps,
 )
-from .render import SIZES, NoiseBank, SizeSpec, SubjectGeometry, render_subject, sample_geometry
-from .template import TEMPLATE_VERSION, Template, build_template, template_landmarks
+from .render import (
+    SIZES,
+    NoiseBank,
+    SizeSpec,
+    SubjectGeometry,
+    render_subject,
+    sample_geometry,
+)
+from .template import (
+    EXTENT_LO,
+    TEMPLATE_VERSION,
+    Template,
+    build_template,
+    template_landmarks,
+)
 
 __all__ = [
     "PHANTOM_VERSION", "SIZES", "SubjectMap", "cache_root", "case_id", "correspond", "default_cohort",
@@ -81,7 +105,6 @@ def get_template(res: float) -> Template:
     res = float(res)
     if res in _TEMPLATES:
         return _TEMPLATES[res]
-    from .template import EXTENT_LO
 
     path = cache_root() / "templates" / f"template-v{TEMPLATE_VERSION}-r{res:g}.npy"
     tissue = None
@@ -162,8 +185,6 @@ def _write_case(job: dict) -> dict:
     save_nifti(image, aff, out / job["image"])
     save_nifti(label, aff, out / job["label"])
     if job.get("preview"):
-        from ...viz.ortho import save_preview
-
         save_preview(out / "previews" / f"{job['case']}.png", image, label, affine=aff)
     m.meta.update(image=job["image"], label=job["label"])
     return {"index": job["index"], "case": job["case"], "map": m.to_dict()}
@@ -193,8 +214,6 @@ def _cpu_count() -> int:
 
 
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
-    from alice3d.runtime import Progress
-
     results = []
     with Progress(len(jobs), "phantoms", unit="subject", enabled=progress) as bar:
         if workers <= 1:
@@ -202,8 +221,6 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
                 results.append(_write_case(job))
                 bar.update(1)
         else:
-            import multiprocessing as mp
-
             with _single_threaded_children(), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
                 futures = [ex.submit(_write_case, job) for job in jobs]
                 for fut in as_completed(futures):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .template import rotation
+from ..io import DataError
+from .template import TEMPLATE_VERSION, rotation, template_landmarks
 
 MAPS_FILE = "phantom_maps.json"
 MAPS_FORMAT = "alice3d-phantom-maps"
@@ -206,8 +207,6 @@ def sample_subject_map(rng: np.random.Generator, deform: float = 1.0) -> Subject
 
 def write_maps(path: str | os.PathLike, maps: dict[str, SubjectMap], **header) -> Path:
     """Write subject maps (and header fields, e.g. landmarks) as plain JSON."""
-    from .template import TEMPLATE_VERSION, template_landmarks
-
     doc = {
         "format": MAPS_FORMAT,
         "template_version": TEMPLATE_VERSION,
@@ -222,8 +221,6 @@ def write_maps(path: str | os.PathLike, maps: dict[str, SubjectMap], **header) -
 
 
 def load_maps_file(path: str | os.PathLike) -> dict[str, SubjectMap]:
-    from ..io import DataError
-
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -253,8 +250,6 @@ def case_id(path: str | os.PathLike) -> str:
 
 def landmarks_in_subject(m: SubjectMap) -> dict[str, np.ndarray]:
     """Template landmarks mapped into the subject's world (mm)."""
-    from .template import template_landmarks
-
     lm = template_landmarks()
     pts = m.forward(np.stack(list(lm.values())))
     return dict(zip(lm, pts))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from nibabel import orientations as nio
 
 from ..geometry import apply_affine
 from .maps import SubjectMap
@@ -173,8 +174,6 @@ def _node_count(n: int, spacing: float, step_mm: float) -> int:
 
 def storage_affine(geom: SubjectGeometry) -> np.ndarray:
     """Voxel -> world affine of the stored array (canonical grid flipped to `geom.orientation`)."""
-    from nibabel import orientations as nio
-
     transform = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(tuple(geom.orientation)))
     if not np.array_equal(transform[:, 0], [0, 1, 2]):
         raise ValueError(f"phantom orientation {geom.orientation!r}: only axis flips of RAS are supported")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.interpolate import CubicSpline
 
 TEMPLATE_VERSION = 2
 
@@ -145,8 +146,6 @@ def ellipsoid_box(centre, radii, rot=None) -> tuple[np.ndarray, np.ndarray]:
 
 def sample_curve(points, radii, step: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Smooth centreline through control points -> (M, 3) samples every ~`step` mm and radii (M,)."""
-    from scipy.interpolate import CubicSpline
-
     pts = np.asarray(points, dtype=float)
     rad = np.asarray(radii, dtype=float)
     seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
