@@ -105,3 +105,28 @@ def test_no_module_imports_a_higher_layer():
 def test_the_checker_sees_upward_and_local_imports(code, bad):
     """Source text checked as if it lived in alice3d/data/ (layer 1)."""
     assert bool(violations(ROOT / "alice3d" / "data" / "_layer_probe.py", code)) is bad
+
+
+def local_imports_without_reason(path: Path, text: str) -> list[str]:
+    """In-function imports whose line (or the line above) carries no comment saying why."""
+    lines = text.splitlines()
+    tree = ast.parse(text)
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            here = " ".join(lines[node.lineno - 1: node.end_lineno])
+            above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            if "#" not in here and not above.startswith("#"):
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return out
+
+
+def test_imports_sit_at_module_tops_unless_a_comment_says_why():
+    problems = [v for path in sources() for v in local_imports_without_reason(path, path.read_text())]
+    assert not problems, "move these imports to the module top or say why they are local:\n" + "\n".join(problems)
+
+
+def test_the_local_import_check_sees_unexplained_ones():
+    code = "import os\n\ndef f():\n    import json\n    import yaml  # heavy, only for f\n"
+    assert [p.split(": ")[1] for p in local_imports_without_reason(ROOT / "x.py", code)] == ["import json"]
