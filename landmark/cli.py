@@ -20,25 +20,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from alice3d.cli.common import (
-    add_config_args,
-    prepare_run_dir,
-    resolve_config,
-    run_main,
-    setup_logging,
-)
+from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
 from alice3d.data.io import load_volume
 from alice3d.viz.mosaic import mosaic
 from alice3d.viz.ortho import ortho_slices
 from alice3d.viz.png import write_png
 from landmark.config import LandmarkConfig
-from landmark.embed_cache import (
-    MAX_GB_ENV,
-    cache_info,
-    cache_max_bytes,
-    clear_cache,
-    default_cache_dir,
-)
+from landmark.embed_cache import MAX_GB_ENV, cache_info, cache_max_bytes, clear_cache, default_cache_dir
 from landmark.match import Matcher, check_points_inside, parse_points, read_points_file
 from landmark.train import load_train_volumes, train_landmark
 

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from alice3d.config import (
-    ConfigError,
-    DataConfig,
-    TrainConfig,
-    check_choice,
-    from_dict,
-    section,
-)
+from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, from_dict, section
 
 
 @dataclass

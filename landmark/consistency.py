@@ -20,13 +20,7 @@ import numpy as np
 import torch
 
 from alice3d.data.geometry import apply_affine
-from landmark.embed_cache import (
-    CacheError,
-    hash_arrays,
-    read_entry,
-    trim_cache,
-    write_entry,
-)
+from landmark.embed_cache import CacheError, hash_arrays, read_entry, trim_cache, write_entry
 from landmark.store import Embedding
 
 log = logging.getLogger("alice3d.landmark")

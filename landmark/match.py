@@ -27,28 +27,10 @@ from landmark.config import LandmarkConfig, resolve_match_config
 from landmark.consistency import PairAffines, PairTransform
 from landmark.embed_cache import cache_max_bytes, default_cache_dir
 from landmark.model import LandmarkNet
-from landmark.points import (
-    MatchError,
-    as_points,
-    check_points_inside,
-    parse_points,
-    read_points_file,
-    world_bounds,
-)
-from landmark.preprocess import (
-    compute_embedding,
-    load_landmark_model,
-    model_key,
-    window_channels,
-)
+from landmark.points import MatchError, as_points, check_points_inside, parse_points, read_points_file, world_bounds
+from landmark.preprocess import compute_embedding, load_landmark_model, model_key, window_channels
 from landmark.search import SEARCH_MODES, best_voxels, query_vectors, score_at
-from landmark.store import (
-    DiskEmbeddingCache,
-    Embedding,
-    EmbeddingStore,
-    as_volume,
-    image_key,
-)
+from landmark.store import DiskEmbeddingCache, Embedding, EmbeddingStore, as_volume, image_key
 
 # The package's public face: callers import these from here, wherever they live.
 __all__ = ["Matcher", "MatchError", "Embedding", "PairTransform", "load_landmark_model", "parse_points",

@@ -20,13 +20,7 @@ import numpy as np
 import torch
 
 from alice3d.data.io import Volume, load_volume
-from landmark.embed_cache import (
-    CacheError,
-    hash_arrays,
-    read_entry,
-    trim_cache,
-    write_entry,
-)
+from landmark.embed_cache import CacheError, hash_arrays, read_entry, trim_cache, write_entry
 from landmark.points import check_points_inside
 
 log = logging.getLogger("alice3d.landmark")

@@ -28,13 +28,7 @@ from scipy import ndimage
 
 from alice3d.data.crops import crop_at
 from alice3d.data.datalists import load_datalist
-from alice3d.data.io import (
-    DataError,
-    Volume,
-    load_volume,
-    reorient_to_ras,
-    resample_to_spacing,
-)
+from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
 from alice3d.data.phantom import default_cohort
 from alice3d.data.volumes import normalize_hu
 from alice3d.encoders.resnet import ResNetEncoder

@@ -33,12 +33,7 @@ from monai.data import save_net_with_metadata
 from alice3d.bundle.docs import license_text, readme
 from alice3d.bundle.errors import ExportError
 from alice3d.bundle.inference_config import check_mirrors_finetune, inference_config
-from alice3d.bundle.metadata import (
-    SCHEMA_PATH,
-    BundleInfo,
-    bundle_metadata,
-    validate_metadata,
-)
+from alice3d.bundle.metadata import SCHEMA_PATH, BundleInfo, bundle_metadata, validate_metadata
 from alice3d.bundle.network import (
     NNFORMER_SOURCE,
     build_inference_network,

@@ -20,18 +20,8 @@ from typing import Any
 
 import torch
 
-from alice3d.analysis.cka import (
-    DEFAULT_RATIOS,
-    occlusion_invariance,
-    plot_cka,
-    write_cka_csv,
-)
-from alice3d.analysis.probing import (
-    encoder_from_file,
-    load_labeled_volumes,
-    organ_center_task,
-    run_probes,
-)
+from alice3d.analysis.cka import DEFAULT_RATIOS, occlusion_invariance, plot_cka, write_cka_csv
+from alice3d.analysis.probing import encoder_from_file, load_labeled_volumes, organ_center_task, run_probes
 from alice3d.cli.common import run_main, setup_logging
 from alice3d.config import load_config
 from alice3d.methods import METHODS

@@ -12,13 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from alice3d.cli.common import (
-    add_config_args,
-    prepare_run_dir,
-    resolve_config,
-    run_main,
-    setup_logging,
-)
+from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
 from alice3d.core.dist import is_main_process
 from alice3d.data.io import DataError
 from alice3d.finetune.config import FinetuneConfig

@@ -23,16 +23,7 @@ import numpy as np
 from .dicom import quiet_itk, read_series
 from .geometry import itk_geometry, itk_to_ras_affine
 from .inspect import VolumeStats, describe_volume, modality_warnings, sample_voxels
-from .io import (
-    DataError,
-    _check_ndim_shape,
-    _nifti_image,
-    _sitk_reader,
-    is_nifti,
-    label_array,
-    load_volume,
-    read_array,
-)
+from .io import DataError, _check_ndim_shape, _nifti_image, _sitk_reader, is_nifti, label_array, load_volume, read_array
 
 __all__ = ["DataError", "CaseReport", "inspect_case", "validate_case", "check_case", "inspect_datalist",
            "validate_datalist", "header_info"]

@@ -20,13 +20,7 @@ import numpy as np
 
 from alice3d.data.datalists import load_datalist
 from alice3d.data.inspect import log_modality_warnings
-from alice3d.data.io import (
-    DataError,
-    Volume,
-    load_volume,
-    reorient_to_ras,
-    resample_to_spacing,
-)
+from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
 from alice3d.data.phantom import default_cohort
 
 log = logging.getLogger(__name__)

@@ -31,11 +31,7 @@ from alice3d.data.datalists import scan_directory
 from alice3d.data.io import DataError, load_volume
 from alice3d.finetune.config import AugConfig, FinetuneDataConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
-from alice3d.finetune.transforms import (
-    preprocess_transforms,
-    train_random_transforms,
-    training_view,
-)
+from alice3d.finetune.transforms import preprocess_transforms, train_random_transforms, training_view
 from alice3d.runtime import progress
 
 log = logging.getLogger("alice3d.finetune")

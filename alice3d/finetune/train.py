@@ -21,15 +21,7 @@ from alice3d.core.schedules import cosine_warmup_factor
 from alice3d.encoders.files import load_encoder
 from alice3d.finetune import phantom_tasks
 from alice3d.finetune.config import FinetuneConfig
-from alice3d.finetune.data import (
-    Prepared,
-    Split,
-    TrainSamples,
-    case_store,
-    load_lists,
-    make_splits,
-    prepare_cases,
-)
+from alice3d.finetune.data import Prepared, Split, TrainSamples, case_store, load_lists, make_splits, prepare_cases
 from alice3d.finetune.evaluate import (
     evaluate_classification,
     evaluate_segmentation,

@@ -19,12 +19,7 @@ import torch
 from torch import nn
 
 from alice3d.core.pos_embed import interpolate_pos_embed
-from alice3d.finetune.models import (
-    UNETR_PATCH,
-    EncoderMismatchError,
-    encoder_module,
-    vit_grid,
-)
+from alice3d.finetune.models import UNETR_PATCH, EncoderMismatchError, encoder_module, vit_grid
 
 POS_EMBED_KEY = "patch_embedding.position_embeddings"
 

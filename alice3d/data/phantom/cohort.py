@@ -42,21 +42,8 @@ from .maps import (
     sample_subject_map,
     write_maps,
 )
-from .render import (
-    SIZES,
-    NoiseBank,
-    SizeSpec,
-    SubjectGeometry,
-    render_subject,
-    sample_geometry,
-)
-from .template import (
-    EXTENT_LO,
-    TEMPLATE_VERSION,
-    Template,
-    build_template,
-    template_landmarks,
-)
+from .render import SIZES, NoiseBank, SizeSpec, SubjectGeometry, render_subject, sample_geometry
+from .template import EXTENT_LO, TEMPLATE_VERSION, Template, build_template, template_landmarks
 
 __all__ = [
     "PHANTOM_VERSION", "SIZES", "SubjectMap", "cache_root", "case_id", "correspond", "default_cohort",
