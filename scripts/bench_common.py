@@ -12,19 +12,22 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from alice3d.train.flops import achieved_tflops, count_flops, linear_flops, mfu
+from alice3d.train.trainer import Trainer
 
 __all__ = [
-    "DTYPES", "resolve_device", "autocast", "synchronize", "cpu_model_name", "short_device",
-    "machine_info", "time_steps", "time_interleaved", "MemoryMeter", "matmul_peak_tflops", "count_flops",
-    "linear_flops", "achieved_tflops", "mfu", "write_json", "format_table", "print_table",
+    "DTYPES", "resolve_device", "autocast", "step_autocast", "synchronize", "cpu_model_name", "short_device",
+    "versions", "machine_info", "time_steps", "time_interleaved", "bench_trainer", "time_train_steps",
+    "compile_unavailable", "MemoryMeter", "matmul_peak_tflops", "count_flops", "linear_flops",
+    "achieved_tflops", "mfu", "write_json", "format_table", "print_table",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,6 +46,15 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device, dtype: str):
     """bf16 autocast as the trainer uses it on CUDA (also applied on CPU when asked for); fp32: none."""
     if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def step_autocast(device: torch.device, dtype: str):
+    """What to wrap ``Trainer.train_step`` in: nothing on CUDA, where the trainer's own bf16 AMP
+    (``train.amp``) applies, or for fp32; CPU autocast for bf16 on a CPU, where the trainer runs
+    fp32 (its AMP is CUDA-only), so that the bf16 path can be exercised without a GPU."""
+    if dtype == "bf16" and device.type != "cuda":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -69,11 +81,21 @@ def short_device(device: torch.device) -> str:
     return f"cpu:{cpu_model_name()} x{torch.get_num_threads()}thr"
 
 
+def versions() -> dict[str, Any]:
+    """torch, CUDA, cuDNN and MONAI versions (None where not built in)."""
+    import monai
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn, "monai": monai.__version__,
+            "python": platform.python_version()}
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on (goes into every JSON file)."""
     info: dict[str, Any] = {
         "device": short_device(device),
         "torch": torch.__version__,
+        "monai": versions()["monai"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model_name(),
@@ -127,6 +149,53 @@ def time_interleaved(
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: _summary(t) for name, t in times.items()}
+
+
+def bench_trainer(model: torch.nn.Module, tcfg: Any, optimizer: torch.optim.Optimizer | None = None,
+                  scheduler: Any = None) -> Trainer:
+    """The real ``Trainer`` for timing ``train_step`` alone; ``train_step`` writes nothing, so the
+    run directory it is given is never created."""
+    trainer = Trainer(model, tcfg, Path(tempfile.gettempdir()) / "alice3d-bench-no-run",
+                      optimizer=optimizer, scheduler=scheduler)
+    # Trainer.fit sets this counter before its first step; without it a non-finite step (an update
+    # the trainer skips) would fail inside train_step instead of being counted.
+    if not hasattr(trainer, "_consecutive_bad"):
+        trainer._consecutive_bad = 0
+    return trainer
+
+
+def time_train_steps(trainer: Trainer, batches: Iterator, device: torch.device, dtype: str, warmup: int,
+                     steps: int) -> tuple[dict[str, Any], int]:
+    """``warmup`` + ``steps`` calls of ``trainer.train_step(batches, i)`` (timed as ``time_steps``)
+    -> (timing, number of steps whose update was skipped as non-finite)."""
+    applied: list[bool] = []
+
+    def step(i: int) -> None:
+        with step_autocast(device, dtype):
+            applied.append(trainer.train_step(batches, i).finite)
+
+    return time_steps(step, device, warmup, steps), applied.count(False)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here, or None when it can."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.platform == "win32":
+        return "torch.compile needs Linux or macOS"
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return "torch.compile on CUDA needs Triton, which this torch cannot import"
+        if not has_triton():
+            return "torch.compile on CUDA needs Triton (pip install triton)"
+        return None
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        return "torch.compile on CPU needs a C++ compiler (none found on PATH)"
+    return None
 
 
 def _proc_status_kb(key: str) -> int | None:

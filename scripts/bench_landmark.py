@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when imported from elsewhere
+
+import bench_common as bc  # noqa: E402
+
 
 def _timed(fn, repeats: int = 1) -> tuple[float, object]:
     times, out = [], None
@@ -32,6 +36,45 @@ def _timed(fn, repeats: int = 1) -> tuple[float, object]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def phantom_pair(n: int = 16, seed: int = 0) -> list:
+    """Subjects 1 and 2 of the embedded phantom cohort ``default_cohort(n, seed)`` (abdomen-sized)."""
+    from alice3d.data.io import load_volume
+    from alice3d.data.phantom import default_cohort
+
+    root = default_cohort(n=n, seed=seed)
+    return [load_volume(root / "imagesTr" / f"img000{i}.nii.gz") for i in (1, 2)]
+
+
+def time_embedding(model, vols, cache: str | Path, device: str, **matcher_kw) -> tuple[dict, list]:
+    """Cold embedding of each volume into an empty ``cache``, then the load of the cached ones
+    -> (figures, embeddings). ``matcher_kw`` go to ``Matcher`` (e.g. ``spacing``)."""
+    from landmark.match import Matcher
+
+    m = Matcher(model, cache_dir=cache, device=device, **matcher_kw)
+    t_embed, embs = [], []
+    for v in vols:
+        t, emb = _timed(lambda v=v: m.embed(v))
+        t_embed.append(t)
+        embs.append(emb)
+    bc.synchronize(torch.device(device))
+    result = {"embed_s_per_volume": [round(t, 3) for t in t_embed], "fine_grid": list(embs[0].fine_shape),
+              "cache_mb_per_volume": round(sum(f.stat().st_size for f in Path(cache).rglob("*.emb")) / len(vols) / 2**20, 1)}
+    warm = Matcher(model, cache_dir=cache, device=device, consistency="none", **matcher_kw)
+    t_load, _ = _timed(lambda: [warm.embed(v) for v in vols])
+    result["cache_load_s_per_volume"] = round(t_load / len(vols), 3)
+    return result, embs
+
+
+def time_queries(matcher, ea, eb, pts, singles: int = 20, repeats: int = 3) -> tuple[dict, np.ndarray]:
+    """Per-query latency (median of ``singles`` one-point queries) and the time of all ``pts`` in
+    one batched call (median of ``repeats``), after a warm-up -> (figures, matched points)."""
+    matcher.match_embeddings(ea, eb, pts[:2])  # warm-up (and the one-time pair fit, if any)
+    times = [_timed(lambda q=q: matcher.match_embeddings(ea, eb, q[None]))[0] for q in pts[:singles]]
+    t_batch, found = _timed(lambda: matcher.match_embeddings(ea, eb, pts), repeats=repeats)
+    return {"ms_per_query": round(1000 * statistics.median(times), 2), "s_per_batch": round(t_batch, 3),
+            "batch": len(pts)}, found[0]
 
 
 def main(argv=None) -> int:
@@ -45,15 +88,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from alice3d.data.io import load_volume
-    from alice3d.data.phantom import default_cohort
     from landmark.config import LandmarkConfig
     from landmark.evaluate import sample_body_points
     from landmark.match import Matcher
     from landmark.model import build_model
 
-    root = default_cohort()
-    vols = [load_volume(root / "imagesTr" / f"img000{i}.nii.gz") for i in (1, 2)]
+    vols = phantom_pair()
     if args.model is not None:
         model = args.model
     else:
@@ -62,32 +102,18 @@ def main(argv=None) -> int:
     result: dict = {"device": args.device, "threads": torch.get_num_threads(), "model": str(args.model),
                     "volume_shape": list(vols[0].shape), "volume_spacing": [round(s, 2) for s in vols[0].spacing]}
     with tempfile.TemporaryDirectory() as cache:
-        m = Matcher(model, cache_dir=cache, device=args.device)
-        t_embed = []
-        for v in vols:
-            t, emb = _timed(lambda v=v: m.embed(v))
-            t_embed.append(t)
-        result["embed_s_per_volume"] = [round(t, 3) for t in t_embed]
-        result["fine_grid"] = list(emb.fine_shape)
-        result["cache_mb_per_volume"] = round(sum(f.stat().st_size for f in Path(cache).rglob("*.emb")) / 2 / 2**20, 1)
+        embedded, _ = time_embedding(model, vols, cache, args.device)
+        result.update(embedded)
         warm = Matcher(model, cache_dir=cache, device=args.device, consistency="none")
-        t_load, _ = _timed(lambda: [warm.embed(v) for v in vols])
-        result["cache_load_s_per_volume"] = round(t_load / len(vols), 3)
         rng = np.random.default_rng(0)
         pts = sample_body_points(vols[0], args.queries, rng)
         ea, eb = warm.embed(vols[0]), warm.embed(vols[1])
         found = {}
         for search in ("coarse", "pruned", "full"):
             warm.search = search
-            warm.match_embeddings(ea, eb, pts[:2])  # warm-up
-            singles = []
-            for q in pts[:20]:
-                t, _ = _timed(lambda q=q: warm.match_embeddings(ea, eb, q[None]))
-                singles.append(t)
-            t_batch, _ = _timed(lambda: warm.match_embeddings(ea, eb, pts), repeats=3)
-            result[f"{search}_ms_per_query"] = round(1000 * statistics.median(singles), 2)
-            result[f"{search}_s_per_{args.queries}_queries"] = round(t_batch, 3)
-            found[search] = warm.match_embeddings(ea, eb, pts)[0]
+            figures, found[search] = time_queries(warm, ea, eb, pts)
+            result[f"{search}_ms_per_query"] = figures["ms_per_query"]
+            result[f"{search}_s_per_{args.queries}_queries"] = figures["s_per_batch"]
         # The coarse-to-fine search is a restriction of the full one: how often does it disagree?
         gap = np.linalg.norm(np.asarray(found["coarse"]) - np.asarray(found["full"]), axis=1)
         result["coarse_vs_full_same_point_frac"] = round(float((gap < 1e-3).mean()), 3)
@@ -97,10 +123,9 @@ def main(argv=None) -> int:
         t_fit, transform = _timed(lambda: warm.pair_transform(ea, eb))
         result["affine_fit_s_per_pair"] = round(t_fit, 3)
         result["affine_anchors_consistent"] = None if transform is None else f"{transform.inliers}/{transform.anchors}"
-        singles = [_timed(lambda q=q: warm.match_embeddings(ea, eb, q[None]))[0] for q in pts[:20]]
-        result["affine_ms_per_query"] = round(1000 * statistics.median(singles), 2)
-        t_batch, _ = _timed(lambda: warm.match_embeddings(ea, eb, pts), repeats=3)
-        result[f"affine_s_per_{args.queries}_queries"] = round(t_batch, 3)
+        figures, _ = time_queries(warm, ea, eb, pts)
+        result["affine_ms_per_query"] = figures["ms_per_query"]
+        result[f"affine_s_per_{args.queries}_queries"] = figures["s_per_batch"]
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

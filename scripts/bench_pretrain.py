@@ -5,10 +5,12 @@
     python scripts/bench_pretrain.py --preset paper --variants fp32,bf16,bf16+flash,bf16+flash+compile
     python scripts/bench_pretrain.py --encoder-only --encoders vit_s,vit_b --crop 192,192,64 --batch 2
 
-One step is the trainer's step (alice3d/train/trainer.py, Trainer.fit): zero grads, forward
-under autocast (bf16 when --dtype bf16), backward, grad-norm clipping, the finiteness check
-(one host sync), AdamW step, LR-schedule step, EMA update of the target. The batch is made
-once on the device (model-only throughput; the data path is bench_data.py's job).
+One step is the trainer's own step, ``Trainer.train_step`` (alice3d/train/trainer.py): zero
+grads, forward under the trainer's bf16 autocast (train.amp, with --dtype bf16; on a CPU, where
+the trainer's AMP does not apply, the step is wrapped in CPU autocast), backward, grad-norm
+clipping, the finiteness check (one host sync), AdamW step, LR-schedule step, EMA update of the
+target; --compile sets train.compile. The batch is made once on the device (model-only
+throughput; the data path is bench_data.py's job).
 
 FLOPs per step are counted with FlopCounterMode on the same forward+backward (matmuls,
 convolutions, attention; see alice3d/train/flops.py). MFU = achieved TFLOP/s over the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import multiprocessing
 import sys
 import traceback
@@ -38,7 +41,7 @@ import bench_common as bc
 from alice3d.config import ConfigError, TrainConfig
 from alice3d.core.masking import gather_tokens, random_masking
 from alice3d.train.optim import build_optimizer, build_scheduler
-from alice3d.train.trainer import step_seed
+from alice3d.train.trainer import Trainer
 
 PAPER_CROP = (192, 192, 64)
 CPU_CROP = (64, 64, 32)
@@ -52,7 +55,16 @@ CPU_OVERRIDES: dict[str, dict[str, Any]] = {
     "mae": dict(encoder="vit_tiny", **_CPU_DECODER),
     "cae": dict(encoder="vit_tiny", regressor_depth=2, **_CPU_DECODER),
 }
-SWIN_ENCODER = {"paper": "swin_b", "cpu": "swin_tiny"}
+# The smoke preset: the cpu sizes with 2-layer ViTs and one block per Swin stage, so that
+# every path runs in about a second per step on 2 cores (scripts/gpu_check.py --smoke).
+_SMOKE_ENCODERS = {"alice_vit": {"num_layers": 2}, "alice_swin": {"depths": (1, 1, 1, 1)},
+                   "mae": {"num_layers": 2}, "cae": {"num_layers": 2}}
+SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
+    name: dict(CPU_OVERRIDES[name], encoder_kwargs=_SMOKE_ENCODERS[name]) for name in METHODS
+}
+PRESET_OVERRIDES = {"cpu": CPU_OVERRIDES, "smoke": SMOKE_OVERRIDES}
+SWIN_ENCODER = {"paper": "swin_b", "cpu": "swin_tiny", "smoke": "swin_tiny"}
+SMOKE_CROP = (64, 32, 32)  # Swin needs two 32-voxel mask units
 
 
 class Unavailable(Exception):
@@ -118,8 +130,7 @@ def build_method(name: str, preset: str, crop: tuple[int, ...], mask: float | No
     )
     if mask is not None:
         kwargs["mask_ratio"] = mask
-    if preset == "cpu":
-        kwargs.update(CPU_OVERRIDES[name])
+    kwargs.update(PRESET_OVERRIDES.get(preset, {}).get(name, {}))
     if name == "alice_swin":
         kwargs["encoder"] = SWIN_ENCODER[preset]
     try:
@@ -178,36 +189,16 @@ def make_batch(layout: str, batch: int, crop: tuple[int, ...], device: torch.dev
 # ----------------------------------------------------------------------------- the step
 
 
-def trainer_step(
-    model: nn.Module,
-    forward: Callable[[dict], dict],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    tcfg: TrainConfig,
-    amp: Callable[[], Any],
-    batch: dict,
-    step: int,
-) -> bool:
-    """One step as Trainer.fit does it (one process, grad_accum 1) -> whether it was applied."""
-    torch.manual_seed(step_seed(tcfg.seed, step, 0))
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    with amp():
-        out = forward(batch)
-    out["loss"].backward()
-    terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if tcfg.grad_clip > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-    else:
-        gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params]))
-    finite = bool(torch.isfinite(terms["loss"]).item() and torch.isfinite(gnorm).item())
-    if finite:
-        optimizer.step()
-    scheduler.step()
-    if finite and hasattr(model, "update_target"):
-        model.update_target(step + 1, tcfg.max_steps)
-    return finite
+def trainer_for(model: nn.Module, device: torch.device, v: Variant, batch: int) -> Trainer:
+    """The real Trainer around ``model`` for variant ``v`` (one process, grad_accum 1); with ``v.dense``
+    the mask token that ``use_dense_encoding`` adds is trained too."""
+    model.to(device)
+    tcfg = TrainConfig(max_steps=100_000, batch_size=batch, device=str(device), amp=v.dtype == "bf16",
+                       compile=v.compile)
+    optimizer = build_optimizer(model, tcfg)
+    if v.dense:
+        optimizer.add_param_group({"params": [use_dense_encoding(online_vit(model))], "weight_decay": 0.0})
+    return bc.bench_trainer(model, tcfg, optimizer, build_scheduler(optimizer, tcfg))
 
 
 def forward_backward_flops(model: nn.Module, amp: Callable[[], Any], batch: dict, seed: int) -> tuple[int, dict]:
@@ -239,35 +230,25 @@ def bench_method(name: str, args: argparse.Namespace, v: Variant, device: torch.
     meter = bc.MemoryMeter(device)
     meter.start()
     model = build_method(name, args.preset, args.crop, args.mask, v)
-    model.to(device)
     row.update(
         encoder=model.cfg.encoder, mask=getattr(model.cfg, "mask_ratio", None),
         params_M=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
     )
-    tcfg = TrainConfig(max_steps=100_000, batch_size=args.batch, device=device.type, amp=v.dtype == "bf16")
-    optimizer = build_optimizer(model, tcfg)
-    if v.dense:
-        optimizer.add_param_group({"params": [use_dense_encoding(online_vit(model))], "weight_decay": 0.0})
-    scheduler = build_scheduler(optimizer, tcfg)
+    trainer = trainer_for(model, device, v, args.batch)
     batch = make_batch(layout, args.batch, args.crop, device)
     amp = lambda: bc.autocast(device, v.dtype)  # noqa: E731
 
-    flops, by_op = forward_backward_flops(model, amp, batch, tcfg.seed)
-    forward = torch.compile(model) if v.compile else model
-    applied = []
-    timing = bc.time_steps(
-        lambda i: applied.append(trainer_step(model, forward, optimizer, scheduler, tcfg, amp, batch, i)),
-        device, args.warmup, args.steps,
-    )
+    flops, by_op = forward_backward_flops(model, amp, batch, trainer.cfg.seed)
+    timing, skipped = bc.time_train_steps(trainer, itertools.repeat(batch), device, v.dtype, args.warmup, args.steps)
     step_s = timing["median_s"]
     peak = peaks[v.dtype]["tflops"]
     row.update(
         step_ms=step_s * 1e3, samples_s=args.batch / step_s, mem_MiB=meter.peak_mib(), mem_kind=meter.kind,
         GFLOP_step=flops / 1e9, TFLOPs=bc.achieved_tflops(flops, step_s), peak_TFLOPs=peak,
-        MFU_pct=100 * bc.mfu(flops, step_s, peak), skipped_steps=applied.count(False),
+        MFU_pct=100 * bc.mfu(flops, step_s, peak), skipped_steps=skipped,
         timing=timing, flops_by_op={k: v_ / 1e9 for k, v_ in sorted(by_op.items())}, status="ok",
     )
-    del model, optimizer, scheduler, forward, batch
+    del model, trainer, batch
     return row
 
 
@@ -279,7 +260,9 @@ def bench_encoder(name: str, args: argparse.Namespace, v: Variant, device: torch
     from alice3d.encoders.vit import build_vit
 
     torch.manual_seed(0)
-    enc = build_vit(name, args.crop, spatial_dims=len(args.crop), use_flash_attention=v.flash, grad_checkpointing=v.ckpt)
+    depth = {"num_layers": args.encoder_layers} if args.encoder_layers else {}
+    enc = build_vit(name, args.crop, spatial_dims=len(args.crop), use_flash_attention=v.flash, grad_checkpointing=v.ckpt,
+                    **depth)
     enc.to(device).train()
     token = nn.Parameter(torch.zeros(1, 1, enc.hidden_size, device=device))
     x = make_batch("image", args.batch, args.crop, device)["image"]
@@ -344,10 +327,21 @@ def run_row_isolated(name: str, args: argparse.Namespace, v: Variant, device: to
         return pool.submit(run_row, name, args, v, device, peaks).result()
 
 
+def measure_peaks(device: torch.device, dtypes, n: int | None = None, iters: int | None = None) -> dict:
+    """{dtype: measured matmul peak} (the MFU denominators), printed as they are measured."""
+    peaks = {}
+    for dtype in sorted(dtypes):
+        peaks[dtype] = bc.matmul_peak_tflops(device, dtype, n=n, iters=iters)
+        print(f"measured {dtype} matmul peak: {peaks[dtype]['tflops']:.3f} TFLOP/s "
+              f"({peaks[dtype]['iters']} x mm {peaks[dtype]['n']}^2)", flush=True)
+    return peaks
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=("paper", "cpu"), default="paper",
-                   help="paper: ViT-B/Swin-B at crop 192x192x64, batch 8; cpu: tiny models at 64x64x32, batch 2")
+    p.add_argument("--preset", choices=("paper", "cpu", "smoke"), default="paper",
+                   help="paper: ViT-B/Swin-B at crop 192x192x64, batch 8; cpu: tiny models at 64x64x32, batch 2; "
+                        "smoke: the cpu models with 2-layer ViTs / 1-block Swin stages at 64x32x32, batch 2")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=tuple(bc.DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the method's forward")
@@ -367,19 +361,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "0 encoder-only, whose FLOP-counting pass warms up)")
     p.add_argument("--encoder-only", action="store_true", help="ViT visible-only vs dense mask-token encoder")
     p.add_argument("--encoders", default="vit_s,vit_b", help="ViT presets for --encoder-only")
+    p.add_argument("--encoder-layers", type=int, default=None, help="--encoder-only: blocks (default: the preset's)")
     p.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 GPU, 1024 CPU)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="run each row in a fresh process (default on; needed for honest CPU memory figures)")
     p.add_argument("--json", default=None, help="write all figures here")
     args = p.parse_args(argv)
-    cpu = args.preset == "cpu"
+    cpu = args.preset in ("cpu", "smoke")
     if args.crop:
         try:
             args.crop = tuple(int(s) for s in args.crop.split(","))
         except ValueError:
             p.error(f"--crop: expected comma-separated ints like 192,192,64, got {args.crop!r}")
     else:
-        args.crop = PAPER_CROP if (args.encoder_only or not cpu) else CPU_CROP
+        args.crop = PAPER_CROP if (args.encoder_only or not cpu) else (SMOKE_CROP if args.preset == "smoke" else CPU_CROP)
     if args.batch is None:
         args.batch = 2 if (cpu or args.encoder_only) else 8
     if args.encoder_only:
@@ -401,11 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     info = bc.machine_info(device)
     print(f"device: {info['device']} | torch {info['torch']} | load {info.get('loadavg_1_5_15')} | "
           f"threads {info['torch_threads']} (OMP_NUM_THREADS={info['omp_num_threads'] or 'unset'})")
-    peaks = {}
-    for dtype in sorted({v.dtype for v in variants}):
-        peaks[dtype] = bc.matmul_peak_tflops(device, dtype, n=args.peak_n)
-        print(f"measured {dtype} matmul peak: {peaks[dtype]['tflops']:.3f} TFLOP/s "
-              f"({peaks[dtype]['iters']} x mm {peaks[dtype]['n']}^2)")
+    peaks = measure_peaks(device, {v.dtype for v in variants}, n=args.peak_n)
     rows, skipped, failed = [], [], 0
     names = [n for n in args.encoders.split(",") if n] if args.encoder_only else [n for n in args.methods.split(",") if n]
     for v in variants:

@@ -156,3 +156,57 @@ def test_device_description_names_cpu():
     assert label.startswith("cpu:") and f"x{torch.get_num_threads()}thr" in label
     info = bc.machine_info(torch.device("cpu"))
     assert info["device"] == label and info["torch"] == torch.__version__
+
+
+def _toy_module():
+    """A TrainModule whose loss is non-finite for a batch with an infinite ``scale``."""
+    from alice3d.train.module import TrainModule
+
+    class Toy(TrainModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.updates = 0
+
+        def forward(self, batch):
+            loss = (self.w * batch["x"]).sum() * batch["scale"]
+            return {"loss": loss, "w_sum": self.w.detach().sum()}
+
+        def update_target(self, step, max_steps):
+            self.updates += 1
+
+    return Toy()
+
+
+def test_bench_trainer_steps_count_skipped_updates():
+    """bench_trainer is the real Trainer: a finite batch changes the weights and calls the target
+    update, a non-finite one is skipped (and counted) instead of failing outside Trainer.fit."""
+    from alice3d.config import TrainConfig
+
+    model = _toy_module()
+    trainer = bc.bench_trainer(model, TrainConfig(max_steps=100, batch_size=1, device="cpu", warmup_steps=0, lr=0.1))
+    good = {"x": torch.ones(3), "scale": torch.tensor(1.0)}
+    bad = {"x": torch.ones(3), "scale": torch.tensor(float("inf"))}
+    batches = iter([good, good, bad, good])
+    timing, skipped = bc.time_train_steps(trainer, batches, torch.device("cpu"), "fp32", warmup=1, steps=3)
+    assert skipped == 1 and len(timing["times_s"]) == 3
+    assert model.updates == 3  # every applied step, none for the skipped one
+    assert float(model.w.detach().sum()) < 3.0  # AdamW moved the weights down the gradient
+    assert not (Path(bc.tempfile.gettempdir()) / "alice3d-bench-no-run").exists()
+
+
+def test_step_autocast_only_on_cpu_bf16():
+    cpu = torch.device("cpu")
+    with bc.step_autocast(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with bc.step_autocast(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_versions_name_torch_and_monai():
+    import monai
+
+    v = bc.versions()
+    assert v["torch"] == torch.__version__ and v["monai"] == monai.__version__
+    assert set(v) == {"torch", "cuda", "cudnn", "monai", "python"}

@@ -37,3 +37,22 @@ def test_augmentation_timing_reports_the_batch_and_device():
     r = bench_data.time_augmentation(torch.device("cpu"), batch=2, crop=[16, 16, 8], patch=8, mask_ratio=0.75, steps=2)
     assert r["batch"] == 2 and r["device"].startswith("cpu:")
     assert abs(r["pairs_per_s"] - 2 / r["median_s"]) < 1e-9
+
+
+def test_matcher_leaves_cuda_when_workers_are_forked():
+    assert bench_data.matcher_device("cuda", 2) == "cpu"
+    assert bench_data.matcher_device("cuda:1", 0) == "cuda:1"
+    assert bench_data.matcher_device("cpu", 4) == "cpu"
+
+
+def test_trainer_loader_reads_consecutive_samples():
+    data = Pairs()
+    batch = next(iter(bench_data.trainer_loader(data, workers=0, batch=3, pin=False)))
+    assert data.seen == [0, 1, 2] and batch["q"][:, 0, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_replayed_batches_are_the_loaders_first_batches():
+    data = Pairs()
+    loader = bench_data.trainer_loader(data, workers=0, batch=2, pin=False)
+    replay = bench_data.replayed_batches(loader, 2, torch.device("cpu"))
+    assert [b["q"][:, 0, 0, 0, 0].tolist() for b in replay] == [[0.0, 1.0], [2.0, 3.0]]
