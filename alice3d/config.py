@@ -65,13 +65,19 @@ class TrainConfig:
 class DataConfig:
     """Where volumes come from and how they are normalised."""
 
-    data: str = ""  # datalist JSON or directory; "" = embedded phantom cohort
+    data: str = ""  # datalist JSON, directory or volume store; "" = embedded phantom cohort
     on_bad_data: str = "skip"  # skip | fail
     spacing: tuple[float, ...] = (2.0, 2.0, 2.0)  # mm, target voxel spacing
     hu_window: tuple[float, float] = (-125.0, 255.0)  # clipped, then scaled to [0, 1]
     cache: str = "memory"  # memory | none
     phantom_n: int = 16  # subjects in the embedded cohort
     phantom_seed: int = 0
+    # Pretraining crops: "auto" reads them from a volume store for a STORE, the embedded cohort
+    # and raw data of at least store_min_volumes volumes (preprocessed once into
+    # $ALICE3D_CACHE/stores), else from volumes held in memory; "always" / "never" force one.
+    store: str = "auto"
+    store_min_volumes: int = 32
+    store_cache_mb: float = 256.0  # per process: decoded volumes are kept when the whole cohort fits
 
 
 # ---------------------------------------------------------------- machinery

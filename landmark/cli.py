@@ -4,6 +4,7 @@
     alice3d-landmark match --model RUN/landmark.pt --source A --target B
         (--points "x,y,z;..." | --points-file F) [--png F]
     alice3d-landmark embed --model RUN/landmark.pt IMAGE [IMAGE ...]
+    alice3d-landmark embed --model RUN/landmark.pt --data STORE [--shard I/N] [--device cuda]
     alice3d-landmark cache (--info | --clear) [--cache-dir DIR]
 
 Points are world coordinates in millimetres (RAS+, as in NIfTI/nibabel). ``match``
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,12 +24,15 @@ from typing import Sequence
 
 from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
 from alice3d.data.io import load_volume
+from alice3d.data.preprocess import env_shard, parse_shard
+from alice3d.data.store import open_store
 from alice3d.viz.mosaic import mosaic
 from alice3d.viz.ortho import ortho_slices
 from alice3d.viz.png import write_png
+from landmark.cohort import embed_store, store_reference
 from landmark.config import LandmarkConfig
 from landmark.embed_cache import MAX_GB_ENV, cache_info, cache_max_bytes, clear_cache, default_cache_dir
-from landmark.match import Matcher, check_points_inside, parse_points, read_points_file
+from landmark.match import Matcher, MatchError, check_points_inside, parse_points, read_points_file
 from landmark.train import load_train_volumes, train_landmark
 
 log = logging.getLogger("alice3d.landmark")
@@ -74,9 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write orthogonal slices: query on A (top row), match on B (bottom row); "
                          "with several points, one row pair per point")
 
-    em = sub.add_parser("embed", help="compute and cache the embeddings of volumes")
+    em = sub.add_parser("embed", help="compute and cache the embeddings of volumes (or of a whole volume store)",
+                        description="With IMAGEs: embed them into the embedding cache. With --data STORE (from "
+                                    "`alice3d-data preprocess`): embed every case into the store and fit each once "
+                                    "to the store's reference volume (what pairs.consistency=reference trains "
+                                    "with); under torchrun (or with --shard) each process does its share, no "
+                                    "volume twice. Resumable: done cases are skipped.")
     matcher_args(em)
-    em.add_argument("images", nargs="+", type=Path, help="volumes to embed")
+    em.add_argument("images", nargs="*", type=Path, help="volumes to embed")
+    em.add_argument("--data", type=Path, default=None, help="a volume store to embed (instead of IMAGEs)")
+    em.add_argument("--shard", default=None, metavar="I/N",
+                    help="with --data: only the cases k with k %% N == I (default under torchrun: RANK/WORLD_SIZE)")
 
     ca = sub.add_parser("cache", help="show or clear the embedding cache",
                         description="The cache keeps at most $ALICE3D_CACHE_MAX_GB GB (default 20; 0 or 'none': "
@@ -142,6 +155,10 @@ def write_match_png(path: Path, src, dst, points, found, scores) -> Path:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        return _embed_store(args)
+    if not args.images:
+        raise MatchError("embed: give IMAGEs or --data STORE")
     matcher = _matcher(args)
     for image in args.images:
         t0 = time.perf_counter()
@@ -149,6 +166,27 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(json.dumps({"image": str(image), "fine_shape": list(emb.fine_shape),
                           "cache": str(matcher.cache_path(emb.key)) if matcher.use_cache else None,
                           "seconds": round(time.perf_counter() - t0, 3)}))
+    return 0
+
+
+def _embed_store(args: argparse.Namespace) -> int:
+    if args.images:
+        raise MatchError("embed: give IMAGEs or --data STORE, not both")
+    try:
+        shard = parse_shard(args.shard) if args.shard else env_shard()
+    except ValueError as e:
+        raise MatchError(str(e)) from None
+    store = open_store(args.data)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process of the node
+    # the store keeps the embeddings; a second copy in the embedding cache would only cost disk
+    matcher = Matcher(args.model, cache_dir=args.cache_dir, device=device, use_cache=False)
+    counts = embed_store(matcher, store, shard=shard)
+    sizes = [p.stat().st_size for p in store.root.glob(f"cases/*/landmark/{matcher.model_key[:20]}.emb")]
+    print(json.dumps({"store": str(store.root), "shard": list(shard) if shard else None, **counts,
+                      "reference": store_reference(store)["name"],
+                      "embedding_mb_per_case": round(sum(sizes) / max(len(sizes), 1) / 1e6, 2)}))
     return 0
 
 

@@ -18,7 +18,6 @@ sets its modification time to now, so after every write the least recently used 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,10 +26,10 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from alice3d.data.digest import hash_arrays  # noqa: F401 - re-exported: cache keys of every layer
 from alice3d.errors import Alice3DError
 
 log = logging.getLogger("alice3d.landmark")
@@ -53,22 +52,6 @@ def default_cache_dir() -> Path:
     root = os.environ.get("ALICE3D_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "alice3d"
     return base / "embeddings"
-
-
-def hash_arrays(*parts: Any) -> str:
-    """Hex digest over arrays (dtype, shape and bytes), strings and numbers, in order."""
-    h = hashlib.blake2b(digest_size=20)
-    for p in parts:
-        if isinstance(p, np.ndarray) or hasattr(p, "__array__") and not isinstance(p, (str, bytes)):
-            a = np.ascontiguousarray(np.asarray(p))
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(memoryview(a).cast("B"))
-        elif isinstance(p, bytes):
-            h.update(p)
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"|")
-    return h.hexdigest()
 
 
 def _crc(a: np.ndarray) -> int:

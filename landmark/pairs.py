@@ -2,17 +2,23 @@
 
 A query point is drawn inside the body of volume A, the landmark matcher finds it in
 another volume B (world mm in, world mm out), and crops Q and K of the configured size
-are cut around the two points. The volumes are the in-memory, normalised arrays the
-pretraining run uses (same spacing and axis directions for all of them); the matcher
-works on embeddings of the original images, computed once up front and cached.
+are cut around the two points. The volumes are the run's crop sources (windowed in-memory
+volumes or volumes of a volume store read chunk by chunk, :mod:`alice3d.data.sources`; same
+spacing and axis directions for all of them); the matcher works on embeddings of the original
+images, computed once up front and cached.
+
+With ``pairs.consistency=reference`` every volume is fitted once to a reference volume and a
+pair's map is composed (:mod:`landmark.cohort`): O(N) fits instead of one per pair, and no
+embeddings at training time. ``auto`` (the default) uses it for store-backed runs and the
+per-point argmax for volumes held in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -21,14 +27,27 @@ from torch.utils.data import Dataset
 
 from alice3d.config import ConfigError, DataConfig, check_choice
 from alice3d.data.builders import load_volumes
-from alice3d.data.crops import crop_at
+from alice3d.data.crops import crop_at  # noqa: F401 - re-exported for callers of this module
 from alice3d.data.geometry import apply_affine
+from alice3d.data.preprocess import env_shard
 from alice3d.data.report import DataReport
+from alice3d.data.sources import as_sources, source_name
+from alice3d.data.store import StoreVolume, VolumeStore
 from alice3d.errors import Alice3DError
 from alice3d.runtime import progress
 from alice3d.train.module import BatchDataset
+from landmark.cohort import (
+    CohortError,
+    case_input,
+    compose,
+    embed_store,
+    fit_identity,
+    reference_transforms,
+    store_transforms,
+)
 from landmark.defaults import default_landmark_model
 from landmark.match import Matcher
+from landmark.store import StoreEmbeddings
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -43,39 +62,33 @@ class PairsConfig:
 
     ``landmark``: the landmark matcher finds the point in K that matches a random body point in
     Q (the method as published). ``same_position``: a baseline without a matcher that takes the
-    same normalised position in the two volumes' bounding boxes.
+    same normalised position in the two volumes' bounding boxes. ``same_volume``: Q and K are the
+    same crop of one volume (only their views differ), i.e. no inter-volume alignment (the
+    paper's Table 5 ablation).
     """
 
     source: str = "landmark"
     min_score: float = 0.3
     max_retries: int = 8
-    # Matcher consistency for pairs. "affine" is far more accurate (README, landmark table) but
-    # fits one affine per new volume pair first (about 1 s on CPU; then cached on disk), which
-    # dominates short runs; crops are wide enough that the per-point argmax's misses overlap.
-    consistency: str = "none"
+    # Matcher consistency for pairs. "affine" is far more accurate than the per-point argmax
+    # "none" (README, landmark table) but fits one affine per new volume pair (about 1 s on CPU,
+    # n^2 pairs); "reference" fits each volume once to a reference volume and composes the maps
+    # (O(n), nearly as accurate, no embeddings needed while training); "auto": reference when
+    # the volumes come from a volume store, none when they are held in memory.
+    consistency: str = "auto"
+    embedding_cache_mb: float = 2048.0  # per process: embeddings held for "none"/"affine" on a store
 
     def validate(self, prefix: str = "pairs") -> None:
-        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position"])
-        check_choice(f"{prefix}.consistency", self.consistency, ["none", "affine"])
-
-
-@dataclass
-class _Entry:
-    array: np.ndarray
-    affine: np.ndarray
-    inv: np.ndarray
-    body: np.ndarray  # (K, 3) voxel indices
-    lo: np.ndarray  # body box, world mm
-    hi: np.ndarray
-    pad: float
-    name: str
+        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position", "same_volume"])
+        check_choice(f"{prefix}.consistency", self.consistency, ["auto", "none", "affine", "reference"])
 
 
 class PairSampler:
     """Draw (Q, K) crop pairs centred on matched points of two different volumes.
 
-    ``volumes``: normalised in-memory ``Volume`` objects at the crop spacing, all with the
-    same spacing and axis directions. ``matcher``: a :class:`landmark.match.Matcher`, a path
+    ``volumes``: normalised in-memory ``Volume`` objects or crop sources (e.g. store volumes)
+    at the crop spacing, all with the same spacing and axis directions. ``matcher``: a
+    :class:`landmark.match.Matcher`, a path
     to ``landmark.pt``, or None for the matcher-free baseline (same normalised position in
     the two body boxes). ``sources``: what the matcher embeds for each volume (images in HU);
     default: each volume's ``path``. A match scoring below ``min_score`` is retried with a
@@ -83,13 +96,18 @@ class PairSampler:
     (``"best"``: the best-scoring try, ``"position"``: same normalised position), which is
     logged, counted in :attr:`stats` and flagged in the sample's metadata. ``consistency``:
     the matcher's mode for these pairs (``"none"``: per-point argmax, ``"affine"``: through
-    the pair's fitted affine, see :mod:`landmark.match`).
+    the pair's fitted affine, see :mod:`landmark.match`; ``"reference"``: through the composed
+    per-volume maps ``transforms`` (T_V, world V -> world reference, one (4, 4) per volume),
+    fitted with the matcher when not given; a match that leaves B's volume is retried like a
+    low score). ``embeddings``: per-volume embeddings to use instead of embedding ``sources``
+    (a lazy sequence for a store).
     """
 
     def __init__(self, volumes: Sequence, matcher=None, crop_size: Sequence[int] = (192, 192, 64),
                  min_score: float = 0.5, max_retries: int = 4, seed: int = 0, body_threshold: float = 0.05,
                  fallback: str = "best", sources: Sequence | None = None, pad_value: float | None = None,
-                 device: str = "cpu", match_device: str = "cpu", consistency: str = "none"):
+                 device: str = "cpu", match_device: str = "cpu", consistency: str = "none",
+                 transforms: Sequence | None = None, embeddings: Sequence | None = None, same_volume: bool = False):
         if len(volumes) < 2:
             raise PairError(f"crop pairs need at least two volumes, got {len(volumes)}")
         if fallback not in ("best", "position"):
@@ -99,34 +117,38 @@ class PairSampler:
             raise PairError(f"crop_size: expected three positive sizes, got {tuple(crop_size)}")
         self.min_score, self.max_retries, self.fallback = float(min_score), int(max_retries), fallback
         self.seed = seed
+        self.same_volume = bool(same_volume)  # K = Q's crop of the same volume (no matcher used)
+        if consistency not in ("none", "affine", "reference"):
+            raise PairError(f"consistency: expected 'none', 'affine' or 'reference', got {consistency!r}")
         self._check_geometry(volumes)
-        rng = np.random.default_rng(seed)
-        self.entries = []
-        for i, v in enumerate(volumes):
-            arr = np.asarray(v.array, dtype=np.float32)
-            body = np.argwhere(arr > body_threshold)
-            if len(body) == 0:
+        self.entries = as_sources(volumes, body_threshold, 50000, seed, pad_value=pad_value)
+        for e in self.entries:
+            if getattr(e, "empty_body", False):
                 log.warning("volume %s has no voxel above the body threshold %.3g; query points are drawn anywhere",
-                            _name(v, i), body_threshold)
-                body = np.argwhere(np.ones(arr.shape, dtype=bool))
-            b_lo, b_hi = body.min(0), body.max(0)
-            corners = np.array(np.meshgrid(*zip(b_lo, b_hi), indexing="ij")).reshape(3, -1).T
-            w = apply_affine(v.affine, corners)
-            if len(body) > 50000:
-                body = body[rng.choice(len(body), 50000, replace=False)]
-            pad = float(arr.min()) if pad_value is None else float(pad_value)
-            aff = np.asarray(v.affine, dtype=np.float64)
-            self.entries.append(_Entry(arr, aff, np.linalg.inv(aff), body, w.min(0), w.max(0), pad, _name(v, i)))
+                            e.name, body_threshold)
+        self._inv = [np.linalg.inv(e.affine) for e in self.entries]
+        self.consistency = consistency
         self.matcher = None
-        self.embeddings: list = []
-        if matcher is not None:
+        self.embeddings: Sequence = []
+        self.transforms = None if transforms is None else [np.asarray(t, np.float64) for t in transforms]
+        if self.transforms is not None and len(self.transforms) != len(self.entries):
+            raise PairError(f"transforms: expected {len(self.entries)} (one per volume), got {len(self.transforms)}")
+        if consistency == "reference" and self.transforms is None and matcher is None:
+            raise PairError("consistency='reference' needs a landmark matcher or the fitted per-volume transforms")
+        if matcher is not None and self.transforms is None:
             if not isinstance(matcher, Matcher):
                 matcher = Matcher(matcher, device=device, memory_items=max(32, len(volumes)))
             self.matcher = matcher
-            self.matcher.memory_items = max(self.matcher.memory_items, len(volumes))
-            self.matcher.consistency = consistency
-            self.embeddings = self._embed_all(volumes, sources)
-            if match_device != str(self.matcher.device):
+            if embeddings is None:
+                self.matcher.memory_items = max(self.matcher.memory_items, len(volumes))
+            self.matcher.consistency = "none" if consistency == "reference" else consistency
+            self.embeddings = self._embed_all(volumes, sources) if embeddings is None else embeddings
+            if consistency == "reference":
+                # one fit per volume, then the embeddings are not needed any more
+                self.transforms = reference_transforms(self.matcher, self.embeddings,
+                                                       [(e.lo, e.hi) for e in self.entries])
+                self.matcher, self.embeddings = None, []
+            elif match_device != str(self.matcher.device):
                 # Embeddings are computed once on ``device``; the per-pair queries run on
                 # ``match_device`` (CPU by default, which is safe inside DataLoader workers).
                 self.matcher.device = torch.device(match_device)
@@ -136,7 +158,7 @@ class PairSampler:
     # ------------------------------------------------------------- setup
 
     def _check_geometry(self, volumes: Sequence) -> None:
-        shapes = np.array([v.array.shape for v in volumes])
+        shapes = np.array([v.shape for v in volumes])
         too_big = [f"axis {d}: crop {self.crop[d]} > largest volume {shapes[:, d].max()}"
                    for d in range(3) if self.crop[d] > shapes[:, d].max()]
         if too_big:
@@ -144,7 +166,7 @@ class PairSampler:
                 "crop_size " + str(self.crop) + " is larger than every volume (" + "; ".join(too_big)
                 + "); use a smaller crop or a finer spacing"
             )
-        small = [_name(v, i) for i, v in enumerate(volumes) if any(s < c for s, c in zip(v.array.shape, self.crop))]
+        small = [_name(v, i) for i, v in enumerate(volumes) if any(s < c for s, c in zip(v.shape, self.crop))]
         if small:
             log.warning("%d volume(s) smaller than the crop %s are padded with background: %s",
                         len(small), self.crop, ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""))
@@ -177,8 +199,15 @@ class PairSampler:
 
     def _query(self, i: int, rng: np.random.Generator) -> np.ndarray:
         e = self.entries[i]
-        ijk = e.body[rng.integers(len(e.body))] + rng.uniform(-0.5, 0.5, size=3)
+        body = e.body_voxels()
+        ijk = body[rng.integers(len(body))] + rng.uniform(-0.5, 0.5, size=3)
         return apply_affine(e.affine, ijk[None])[0]
+
+    def reference_match(self, a: int, b: int, point: np.ndarray) -> tuple[np.ndarray, bool]:
+        """``point`` of A mapped into B through the reference (``inv(T_B) @ T_A``); whether it lies in B."""
+        pb = apply_affine(compose(self.transforms[a], self.transforms[b]), point[None])[0]
+        ijk = apply_affine(self._inv[b], pb[None])[0]
+        return pb, bool(((ijk >= -0.5) & (ijk <= np.asarray(self.entries[b].shape) - 0.5)).all())
 
     def position_match(self, a: int, b: int, point: np.ndarray) -> np.ndarray:
         """Same normalised position in B's body box as ``point`` has in A's."""
@@ -195,7 +224,24 @@ class PairSampler:
         b = int(rng.integers(n - 1))
         b += b >= a
         fallback = False
-        if self.matcher is None:
+        if self.same_volume:
+            b = a
+            p = self._query(a, rng)
+            pb, score, tries = p, float("nan"), 1
+        elif self.transforms is not None:
+            for tries in range(1, self.max_retries + 2):
+                p = self._query(a, rng)
+                pb, inside = self.reference_match(a, b, p)
+                if inside:
+                    break
+            score = float("nan")  # no similarity is computed: the maps were fitted beforehand
+            self.stats["retries"] += tries - 1
+            if not inside:
+                fallback = True
+                self.stats["fallback"] += 1
+                if self.fallback == "position":
+                    pb = self.position_match(a, b, p)
+        elif self.matcher is None:
             p = self._query(a, rng)
             pb, score, tries = self.position_match(a, b, p), float("nan"), 1
         else:
@@ -232,14 +278,11 @@ class PairSampler:
 
     def crop_around(self, i: int, point_world: np.ndarray) -> np.ndarray:
         """Crop of volume ``i`` whose voxel ``crop // 2`` holds ``point_world``; background-padded."""
-        e = self.entries[i]
-        ijk = np.rint(apply_affine(e.inv, point_world)).astype(int)
-        return crop_at(e.array, ijk, self.crop, e.pad)
+        ijk = np.rint(apply_affine(self._inv[i], point_world)).astype(int)
+        return np.asarray(self.entries[i].read_crop(ijk, self.crop), dtype=np.float32)
 
 
-def _name(v, i: int) -> str:
-    p = getattr(v, "path", "")
-    return Path(p).name if p else f"#{i}"
+_name = source_name
 
 
 class PairDataset(Dataset):
@@ -312,8 +355,82 @@ def pair_dataset(data: DataConfig, pairs: PairsConfig, crop_size: Sequence[int],
             )
         landmark = str(default_landmark_model(n=data.phantom_n, seed=data.phantom_seed))
         log.info("using the default phantom landmark model %s", landmark)
-    sampler = build_pair_sampler(
-        vset.volumes, landmark if pairs.source == "landmark" else None, crop_size=crop_size,
-        min_score=pairs.min_score, max_retries=pairs.max_retries, device=device, consistency=pairs.consistency,
-    )
+    use = landmark if pairs.source == "landmark" else None
+    store = vset.store
+    consistency = pairs.consistency
+    if consistency == "auto":
+        consistency = "reference" if store is not None else "none"
+    if use is not None and store is not None:
+        sampler = store_pair_sampler(store, vset.volumes, Matcher(use, device=device), consistency, crop_size,
+                                     pairs.min_score, pairs.max_retries, pairs.embedding_cache_mb)
+    else:
+        sampler = build_pair_sampler(
+            vset.volumes, use, crop_size=crop_size, min_score=pairs.min_score, max_retries=pairs.max_retries,
+            device=device, consistency=consistency if use is not None else "none",
+            same_volume=pairs.source == "same_volume",
+        )
     return PairDataset(sampler, seed=seed), DataReport(len(vset.volumes), list(vset.bad))
+
+
+class StoreEmbeddingList:
+    """``embeddings[i]``: the embedding of store case ``i``, read (memory-mapped) from the store when
+    first needed and kept in the matcher's bounded memory LRU (``pairs.embedding_cache_mb``)."""
+
+    def __init__(self, matcher: Matcher, store: VolumeStore, cases: Sequence[dict]):
+        self.matcher, self.names = matcher, [c["name"] for c in cases]
+        self.inputs = [case_input(store, c) for c in cases]
+        source = next((s for s in matcher.store.sources if isinstance(s, StoreEmbeddings)), None)
+        if source is None:
+            source = StoreEmbeddings(store.root, matcher.model_key, writable=False)
+            matcher.store.sources.insert(0, source)
+        for (key, _), name in zip(self.inputs, self.names):
+            source.register(key, name)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        key, load = self.inputs[i]
+        return self.matcher.store.get_keyed(key, self.names[i], load)
+
+
+def _wait_for(ready, what: str, timeout_s: float = 3600.0, poll_s: float = 2.0):
+    """``ready()``'s value once it is not None (other processes of the node finishing their share)."""
+    deadline = time.monotonic() + timeout_s
+    while (value := ready()) is None:
+        if time.monotonic() > deadline:
+            raise PairError(f"waited {timeout_s:.0f} s for {what} from the other processes of this node; "
+                            "is every process alive?")
+        time.sleep(poll_s)
+    return value
+
+
+def store_pair_sampler(store: VolumeStore, volumes: Sequence[StoreVolume], matcher: Matcher, consistency: str,
+                       crop_size: Sequence[int], min_score: float, max_retries: int,
+                       embedding_cache_mb: float) -> PairSampler:
+    """Pairs of store volumes: ``reference`` needs only the per-volume fits (kept in the store; made
+    once, shared by the node's processes, when missing); ``none`` / ``affine`` match on embeddings
+    kept in the store and read lazily through a memory LRU of ``embedding_cache_mb`` MB."""
+    shard = env_shard(local=True)
+    cases = [v.case for v in volumes]
+    kw = dict(crop_size=crop_size, min_score=min_score, max_retries=max_retries)
+    if consistency == "reference":
+        expect = fit_identity(matcher, store)
+
+        def fits():
+            try:
+                return store_transforms(matcher.model_key, expect, store, cases)
+            except CohortError:
+                return None
+
+        if fits() is None:
+            log.info("fitting each volume of %s once to its reference volume (kept in the store)", store.root)
+            embed_store(matcher, store, shard=shard, fits=True, keep_embeddings=False)
+        transforms = _wait_for(fits, "the reference fits")
+        return PairSampler(volumes, None, consistency="reference", transforms=transforms, **kw)
+    embed_store(matcher, store, shard=shard, fits=False, keep_embeddings=True)
+    embeddings = StoreEmbeddingList(matcher, store, cases)
+    _wait_for(lambda: True if all(matcher.store.has(k, n) for (k, _), n in zip(embeddings.inputs, embeddings.names))
+              else None, "the store's embeddings")
+    matcher.store.memory_items, matcher.store.memory_mb = len(volumes), float(embedding_cache_mb)
+    return PairSampler(volumes, matcher, consistency=consistency, embeddings=embeddings, **kw)

@@ -2,8 +2,9 @@
 
 An image's key digests its voxels and affine (:func:`image_key`), so a moved or edited image
 is another entry. :meth:`EmbeddingStore.get` looks in memory, then in each source in order
-(today the on-disk cache, :class:`DiskEmbeddingCache`; any object with the ``get``/``put`` of
-:class:`EmbeddingSource` can be added), and only then runs the network. Grids are RAS-ordered
+(the on-disk cache, :class:`DiskEmbeddingCache`, and the embeddings inside a volume store,
+:class:`StoreEmbeddings`; any object with the ``get``/``put`` of :class:`EmbeddingSource` can be
+added), and only then runs the network. Grids are RAS-ordered
 and tied to world by their affines, so nothing here depends on the input's orientation.
 """
 
@@ -19,8 +20,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from alice3d.data.digest import volume_digest
 from alice3d.data.io import Volume, load_volume
-from landmark.embed_cache import CacheError, hash_arrays, read_entry, trim_cache, write_entry
+from landmark.embed_cache import CacheError, read_entry, trim_cache, write_entry
 from landmark.points import check_points_inside
 
 log = logging.getLogger("alice3d.landmark")
@@ -55,8 +57,11 @@ class Embedding:
 
 
 def image_key(volume) -> str:
-    """Digest of a ``Volume``'s voxels and affine (rounded to 1e-6 mm, below any real difference)."""
-    return hash_arrays(np.asarray(volume.array, dtype=np.float32), np.round(np.asarray(volume.affine, np.float64), 6))
+    """Digest of a ``Volume``'s voxels and affine (rounded to 1e-6 mm, below any real difference).
+
+    The same digest a volume store records for each case's source (``image_key`` in its meta).
+    """
+    return volume_digest(volume.array, volume.affine)
 
 
 def as_volume(item):
@@ -76,6 +81,36 @@ class EmbeddingSource(Protocol):
 
     def put(self, emb: Embedding) -> Embedding:
         """Keep ``emb``; returns the copy to use from now on (e.g. memory-mapped from the file)."""
+
+
+def _embedding_meta(emb: Embedding, model_key: str) -> dict:
+    return {"image_key": emb.key, "model_key": model_key, "name": emb.name,
+            "fine_affine": emb.fine_affine.tolist(), "coarse_affine": emb.coarse_affine.tolist(),
+            "source_shape": list(emb.source_shape), "source_affine": emb.source_affine.tolist()}
+
+
+def _embedding_arrays(emb: Embedding) -> dict:
+    return {"body": emb.body.numpy().astype(np.uint8), "fine": emb.fine.numpy(), "coarse": emb.coarse.numpy()}
+
+
+def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool) -> Embedding:
+    """The embedding file at ``path`` (memory-mapped); CacheError when it is not ``key``'s under ``model_key``."""
+    arrays, meta = read_entry(path, verify=verify, expect_meta={"image_key": key, "model_key": model_key})
+    try:
+        fine, coarse, body = arrays["fine"], arrays["coarse"], arrays["body"]
+        emb = Embedding(
+            fine=torch.from_numpy(fine), coarse=torch.from_numpy(np.asarray(coarse, dtype=np.float32)),
+            fine_affine=np.asarray(meta["fine_affine"], dtype=np.float64),
+            coarse_affine=np.asarray(meta["coarse_affine"], dtype=np.float64),
+            source_shape=tuple(meta["source_shape"]), source_affine=np.asarray(meta["source_affine"], np.float64),
+            key=key, name=meta.get("name", name), body=torch.from_numpy(np.asarray(body, dtype=bool)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{path}: header misses a field ({e})") from None
+    if fine.ndim != 4 or coarse.ndim != 4 or fine.shape[-1] != coarse.shape[-1] or body.shape != fine.shape[:-1]:
+        raise CacheError(f"{path}: unexpected array shapes fine {fine.shape}, coarse {coarse.shape}, "
+                         f"body {body.shape}")
+    return emb
 
 
 class DiskEmbeddingCache:
@@ -98,12 +133,8 @@ class DiskEmbeddingCache:
 
     def put(self, emb: Embedding) -> Embedding:
         path = self.path(emb.key)
-        meta = {"image_key": emb.key, "model_key": self.model_key, "name": emb.name,
-                "fine_affine": emb.fine_affine.tolist(), "coarse_affine": emb.coarse_affine.tolist(),
-                "source_shape": list(emb.source_shape), "source_affine": emb.source_affine.tolist()}
         try:
-            write_entry(path, {"body": emb.body.numpy().astype(np.uint8), "fine": emb.fine.numpy(),
-                               "coarse": emb.coarse.numpy()}, meta)
+            write_entry(path, _embedding_arrays(emb), _embedding_meta(emb, self.model_key))
         except OSError as e:
             log.warning("could not write embedding cache %s (%s); continuing without it", path, e)
             return emb
@@ -115,33 +146,55 @@ class DiskEmbeddingCache:
             return emb
 
     def _read(self, path: Path, key: str, name: str, verify: bool) -> Embedding:
-        arrays, meta = read_entry(path, verify=verify, expect_meta={"image_key": key, "model_key": self.model_key})
-        try:
-            fine, coarse, body = arrays["fine"], arrays["coarse"], arrays["body"]
-            emb = Embedding(
-                fine=torch.from_numpy(fine), coarse=torch.from_numpy(np.asarray(coarse, dtype=np.float32)),
-                fine_affine=np.asarray(meta["fine_affine"], dtype=np.float64),
-                coarse_affine=np.asarray(meta["coarse_affine"], dtype=np.float64),
-                source_shape=tuple(meta["source_shape"]), source_affine=np.asarray(meta["source_affine"], np.float64),
-                key=key, name=meta.get("name", name), body=torch.from_numpy(np.asarray(body, dtype=bool)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CacheError(f"{path}: header misses a field ({e})") from None
-        if fine.ndim != 4 or coarse.ndim != 4 or fine.shape[-1] != coarse.shape[-1] or body.shape != fine.shape[:-1]:
-            raise CacheError(f"{path}: unexpected array shapes fine {fine.shape}, coarse {coarse.shape}, "
-                             f"body {body.shape}")
-        return emb
+        return read_embedding(path, key, self.model_key, name, verify)
+
+
+class StoreEmbeddings:
+    """Embeddings inside a volume store: ``STORE/cases/<case>/landmark/<model key[:20]>.emb``.
+
+    Same file format as the disk cache (memory-mapped, CRC-checked, never evicted). A case is
+    found by its image key once :meth:`register` has tied the key to the case.
+    ``writable=False``: read only (``put`` keeps the embedding where it is).
+    """
+
+    def __init__(self, store_root: str | os.PathLike, model_key: str, writable: bool = True, verify: bool = True):
+        self.root, self.model_key, self.writable, self.verify = Path(store_root), model_key, writable, verify
+        self.cases: dict[str, str] = {}
+
+    def register(self, key: str, case: str) -> None:
+        self.cases[key] = case
+
+    def path(self, case: str) -> Path:
+        return self.root / "cases" / case / "landmark" / f"{self.model_key[:20]}.emb"
+
+    def get(self, key: str, name: str) -> Embedding | None:
+        case = self.cases.get(key)
+        if case is None or not self.path(case).is_file():
+            return None
+        return read_embedding(self.path(case), key, self.model_key, name, self.verify)
+
+    def put(self, emb: Embedding) -> Embedding:
+        case = self.cases.get(emb.key)
+        if case is None or not self.writable:
+            return emb
+        path = self.path(case)
+        write_entry(path, _embedding_arrays(emb), _embedding_meta(emb, self.model_key))
+        return read_embedding(path, emb.key, self.model_key, emb.name, verify=False)
 
 
 class EmbeddingStore:
     """Memory LRU of ``memory_items`` embeddings -> ``sources`` in order -> ``compute(volume, key, name)``.
 
-    A computed embedding is put into every source. ``stats`` counts where each one came from.
+    ``memory_mb``: also keep the embeddings held at most this many MB (their arrays' sizes,
+    memory-mapped or not; None: no such cap), so a process that visits many volumes stays
+    bounded. A computed embedding is put into every source. ``stats`` counts where each one
+    came from.
     """
 
     def __init__(self, compute: Callable[[object, str, str], Embedding], sources: Sequence[EmbeddingSource] = (),
-                 memory_items: int = 32):
+                 memory_items: int = 32, memory_mb: float | None = None):
         self.compute, self.sources, self.memory_items = compute, list(sources), memory_items
+        self.memory_mb = memory_mb
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
         self.stats = {"computed": 0, "disk_hits": 0, "memory_hits": 0, "recomputed_bad_cache": 0}
 
@@ -151,31 +204,52 @@ class EmbeddingStore:
             return volume
         vol = as_volume(volume)
         key = image_key(vol)
+        name = Path(vol.path).name if getattr(vol, "path", "") else key[:12]
+        return self.get_keyed(key, name, lambda: vol)
+
+    def get_keyed(self, key: str, name: str, load: Callable[[], object]) -> Embedding:
+        """Embedding of the image whose key is known (e.g. from a volume store's meta); ``load()``
+        gives the ``Volume`` to compute it from, and is called only when no source has it."""
         if key in self._memory:
             self._memory.move_to_end(key)
             self.stats["memory_hits"] += 1
             return self._memory[key]
-        name = Path(vol.path).name if getattr(vol, "path", "") else key[:12]
         emb = self._from_sources(key, name)
         if emb is None:
-            emb = self.compute(vol, key, name)
+            emb = self.compute(load(), key, name)
             self.stats["computed"] += 1
             for source in self.sources:
                 emb = source.put(emb)
         self._memory[key] = emb
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
+        self._trim()
         return emb
 
-    def _from_sources(self, key: str, name: str) -> Embedding | None:
+    def has(self, key: str, name: str = "") -> bool:
+        """Whether the memory or a source holds ``key``'s embedding (a source's unusable entry: no)."""
+        return key in self._memory or self._from_sources(key, name, count=False) is not None
+
+    def _trim(self) -> None:
+        cap = None if self.memory_mb is None else self.memory_mb * 1e6
+        held = sum(_nbytes(e) for e in self._memory.values())
+        while len(self._memory) > self.memory_items or (cap is not None and held > cap and len(self._memory) > 1):
+            _, old = self._memory.popitem(last=False)
+            held -= _nbytes(old)
+
+    def _from_sources(self, key: str, name: str, count: bool = True) -> Embedding | None:
         for source in self.sources:
             try:
                 emb = source.get(key, name)
             except CacheError as e:
-                log.warning("embedding cache entry unusable, recomputing: %s", e)
-                self.stats["recomputed_bad_cache"] += 1
+                if count:
+                    log.warning("embedding cache entry unusable, recomputing: %s", e)
+                    self.stats["recomputed_bad_cache"] += 1
                 continue
             if emb is not None:
-                self.stats["disk_hits"] += 1
+                if count:
+                    self.stats["disk_hits"] += 1
                 return emb
         return None
+
+
+def _nbytes(emb: Embedding) -> int:
+    return int(emb.fine.nelement() * emb.fine.element_size() + emb.coarse.nelement() * emb.coarse.element_size())

@@ -3,6 +3,8 @@
     alice3d-data phantoms --out DIR [--n N] [--seed S] [--size small|btcv|tiny] [--preview]
     alice3d-data preview  --image IMG [--label LBL] --out PNG [--point x,y,z] [--window lo,hi]
     alice3d-data validate DATALIST_OR_DIR [--key training] [--full] [--labels 0-13] [--modality CT|MR] [--json F]
+    alice3d-data preprocess --data DATALIST_OR_DIR --out STORE [--spacing X,Y,Z] [--hu-window LO,HI]
+                            [--workers N] [--shard I/N] [--verify]
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli.common import setup_logging
 from ..data.datalists import load_datalist
 from ..data.inspect import SAMPLE_SLICES
 from ..data.io import DataError, load_volume
 from ..data.phantom import SIZES, generate_cohort
+from ..data.preprocess import build_store, env_shard, parse_shard
+from ..data.store import StoreSettings, body_hu_of_window
 from ..data.validate import inspect_datalist
+from ..errors import Alice3DError
+from ..pretrain.config import PretrainConfig
 from ..viz.ortho import save_preview
 
 
@@ -30,6 +37,13 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     if len(vals) != n:
         raise argparse.ArgumentTypeError(f"{what}: expected {n} comma-separated numbers, got {text!r}")
     return vals
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _label_set(text: str) -> list[int]:
@@ -91,7 +105,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="modality the images should be (default: the datalist's 'modality' header, else CT)")
     va.add_argument("--json", type=Path, default=None, metavar="FILE",
                     help="also write every case (its statistics, warnings, or the reasons it is bad) to FILE as JSON")
+
+    default = PretrainConfig().data
+    pp = sub.add_parser("preprocess", help="preprocess a cohort once into a volume store read crop by crop",
+                        description="Check every case (the validate checks; bad cases are listed with their reasons "
+                                    "and left out), reorient to RAS, resample, and store each volume as int16 HU with "
+                                    "its body mask in a chunked, compressed, checksummed zarr store with a manifest. "
+                                    "Resumable: run it again after a kill and it continues. Under torchrun (or with "
+                                    "--shard) each process does its share; whichever finds every case done writes "
+                                    "STORE/manifest.json.")
+    pp.add_argument("--data", required=True, type=Path, help="datalist JSON (Decathlon/BTCV) or folder of images")
+    pp.add_argument("--out", required=True, type=Path, help="the store folder (created, or resumed)")
+    pp.add_argument("--key", action="append", default=None, help="datalist split(s) to include (default: training)")
+    pp.add_argument("--spacing", type=lambda s: _floats(s, 3, "--spacing"), default=tuple(default.spacing),
+                    help=f"voxel spacing in mm, x,y,z (default {','.join(f'{v:g}' for v in default.spacing)}: the "
+                         "alice3d-pretrain default; a run with another data.spacing refuses the store)")
+    pp.add_argument("--hu-window", type=lambda s: _floats(s, 2, "--hu-window"), default=tuple(default.hu_window),
+                    help=f"HU window of the runs the store is for (default {default.hu_window[0]:g},"
+                         f"{default.hu_window[1]:g}); only its 5%% level is used, as the body threshold for crop "
+                         "centres: the store keeps HU and runs apply their own data.hu_window when reading")
+    pp.add_argument("--workers", type=int, default=None, help="parallel processes (default: automatic)")
+    pp.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                    help="do only the cases k with k %% N == I (several nodes into one store on a shared "
+                         "filesystem); default under torchrun: RANK/WORLD_SIZE")
+    pp.add_argument("--verify", action="store_true",
+                    help="also read back every case already in the store and rebuild those whose checksums fail")
     return p
+
+
+def _cmd_preprocess(args) -> int:
+    paths = []
+    for key in args.key or ["training"]:
+        paths += [str(e["image"]) if isinstance(e, dict) else str(e)
+                  for e in load_datalist(args.data, key=key, check_exists=False)]
+    shard = args.shard or env_shard()
+    # under torchrun every process is one worker already
+    workers = args.workers if args.workers is not None or args.shard or not shard else 1
+    settings = StoreSettings(tuple(args.spacing), body_hu_of_window(args.hu_window))
+    r = build_store(paths, args.out, settings, workers=workers, shard=shard, verify=args.verify)
+    for source, reason in r.bad:
+        print(f"BAD  {Path(source).name}: {reason}")
+    part = f" (shard {shard[0]}/{shard[1]}: {r.mine} of {r.cases} cases)" if shard else ""
+    per = f", {r.seconds / r.done_now:.2f} s per case" if r.done_now else ""
+    print(f"preprocessed {r.done_now} case(s) into {r.root}{part} in {r.seconds:.1f} s{per}; "
+          f"{r.skipped} already done, {len(r.bad)} bad ({settings.describe()})")
+    if r.manifest is None:
+        print(f"other cases are not done yet: {r.root}/manifest.json is written by the run that finishes the "
+              "last case (or run this command again without --shard)")
+    else:
+        doc = json.loads(r.manifest.read_text())["totals"]
+        print(f"store complete: {doc['cases']} cases, {doc['bad']} bad, {doc['store_bytes'] / 1e6:.1f} MB "
+              f"({doc['source_bytes'] / 1e6:.1f} MB of sources); wrote {r.manifest}")
+    return 0
 
 
 def _cmd_phantoms(args) -> int:
@@ -192,7 +257,15 @@ def _cmd_validate(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"phantoms": _cmd_phantoms, "preview": _cmd_preview, "validate": _cmd_validate}[args.command]
+    handler = {"phantoms": _cmd_phantoms, "preview": _cmd_preview, "validate": _cmd_validate,
+               "preprocess": _cmd_preprocess}[args.command]
+    if args.command == "preprocess":
+        setup_logging(False)
+        try:
+            return handler(args)
+        except Alice3DError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return handler(args)
 
 

@@ -2,8 +2,9 @@
 
     image_dataset(data, slices, img_size, in_channels, seed) -> (dataset, DataReport)
         2D: slices of volumes (or PNG/TIFF images) when img_size has 2 entries;
-        3D: random body crops of the in-memory volume set
-    load_volumes(data, min_shape, min_volumes) -> VolumeSet
+        3D: random body crops of the run's volumes
+    load_volumes(data, min_shape, min_volumes) -> VolumeSet (store volumes or in-memory volumes,
+        see alice3d.data.loading)
 
 Alice's crop pairs need the landmark matcher, a higher layer: `landmark.pairs.pair_dataset`.
 """
@@ -17,9 +18,10 @@ from torch.utils.data import Dataset
 
 from alice3d.config import DataConfig
 from alice3d.data.crops import RandomCropDataset
+from alice3d.data.loading import load_run_volumes
 from alice3d.data.report import DataReport
 from alice3d.data.slices import SliceConfig, slice_dataset
-from alice3d.data.volumes import VolumeSet, load_volume_set, resolve_image_paths
+from alice3d.data.volumes import VolumeSet
 
 log = logging.getLogger("alice3d.data")
 
@@ -27,10 +29,9 @@ __all__ = ["DataReport", "image_dataset", "load_volumes"]
 
 
 def load_volumes(data: DataConfig, min_shape: Sequence[int] | None, min_volumes: int = 1) -> VolumeSet:
-    """The run's volumes (checked, RAS, resampled, windowed); bad ones per `data.on_bad_data`."""
-    paths = resolve_image_paths(data.data, data.phantom_n, data.phantom_seed)
-    vset = load_volume_set(paths, data.spacing, data.hu_window, data.on_bad_data,
-                           min_shape=min_shape, min_volumes=min_volumes)
+    """The run's volumes (checked, RAS, resampled; windowed in memory or at read time from a volume
+    store); bad ones per `data.on_bad_data`."""
+    vset = load_run_volumes(data, min_shape, min_volumes)
     log.info("%s", vset.summary())
     return vset
 

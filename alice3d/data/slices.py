@@ -20,10 +20,13 @@ from monai.transforms import Compose, RandSpatialCrop, SpatialPad
 from torch.utils.data import Dataset
 
 from alice3d.config import ConfigError
-from alice3d.data.crops import crop_at
-from alice3d.data.io import IMAGE_SUFFIXES, DataError, Volume
+from alice3d.data.crops import BodyCentres
+from alice3d.data.io import IMAGE_SUFFIXES, DataError
+from alice3d.data.loading import load_run_volumes
 from alice3d.data.report import DataReport
-from alice3d.data.volumes import load_volume_set, resolve_image_paths
+from alice3d.data.sources import as_sources, crop_at
+from alice3d.data.store import is_store
+from alice3d.data.volumes import resolve_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +163,15 @@ def _check_images(paths: Sequence[str | Path], on_bad_data: str) -> tuple[list[s
 
 
 class VolumeSliceDataset(Dataset):
-    """Sample `i`: a `size` window of a slice normal to `axis` through a random body voxel of volume `i % n`."""
+    """Sample `i`: a `size` window of a slice normal to `axis` through a random body voxel of volume `i % n`.
+
+    `volumes`: windowed in-memory `Volume` objects or crop sources (`alice3d.data.sources`,
+    e.g. the volumes of a volume store, which bring their own body sample).
+    """
 
     def __init__(
         self,
-        volumes: Sequence[Volume],
+        volumes: Sequence,
         size: Sequence[int],
         axis: int = 2,
         seed: int = 0,
@@ -179,14 +186,9 @@ class VolumeSliceDataset(Dataset):
             raise ValueError(f"VolumeSliceDataset: size must have 2 entries, got {self.size}")
         if axis not in (0, 1, 2):
             raise ValueError(f"VolumeSliceDataset: axis must be 0, 1 or 2, got {axis}")
-        self.volumes, self.axis, self.seed, self.key = list(volumes), axis, seed, key
-        rng = np.random.default_rng(seed)
-        self.centres = []
-        for v in self.volumes:
-            body = np.argwhere(v.array > body_threshold)
-            if len(body) == 0:
-                body = np.argwhere(np.ones(v.shape, dtype=bool))
-            self.centres.append(body[rng.choice(len(body), min(len(body), max_centres), replace=False)])
+        self.axis, self.seed, self.key = axis, seed, key
+        self.volumes = as_sources(volumes, body_threshold, max_centres, seed, pad_value=0.0)
+        self.centres = BodyCentres(self.volumes)
 
     def window(self) -> tuple[int, ...]:
         """The 3D crop size: `size` in the slice plane, 1 along `axis`."""
@@ -201,8 +203,9 @@ class VolumeSliceDataset(Dataset):
         rng = np.random.default_rng(_seed(self.seed, i))
         j = int(i) % len(self.volumes)
         vol = self.volumes[j]
-        c = self.centres[j][rng.integers(len(self.centres[j]))]
-        img = crop_at(vol.array, c, self.window()).squeeze(self.axis)
+        centres = self.centres[j]
+        c = centres[rng.integers(len(centres))]
+        img = vol.read_crop(c, self.window()).squeeze(self.axis)
         out = {self.key: torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]}
         if vol.label is not None:
             lab = crop_at(vol.label, c, self.window()).squeeze(self.axis)
@@ -224,6 +227,8 @@ def slice_dataset(data: Any, slices: SliceConfig, img_size: Sequence[int], seed:
     """
     slices.validate()
     root = data.data
+    if is_store(root):
+        return _volume_slices(data, slices, img_size, seed, None)
     if root and Path(root).is_dir():
         images = list_images_2d(root)
         if images and not _has_volumes(root):
@@ -234,7 +239,12 @@ def slice_dataset(data: Any, slices: SliceConfig, img_size: Sequence[int], seed:
     if paths and all(is_image_2d(p) for p in paths):
         return _with_report(ImageFolderDataset(paths, img_size, seed=seed, channels=channels,
                                                on_bad_data=data.on_bad_data))
-    vset = load_volume_set(paths, data.spacing, data.hu_window, data.on_bad_data)
+    return _volume_slices(data, slices, img_size, seed, paths)
+
+
+def _volume_slices(data: Any, slices: SliceConfig, img_size: Sequence[int], seed: int,
+                   paths: Sequence[str] | None) -> tuple[Dataset, DataReport]:
+    vset = load_run_volumes(data, paths=paths)
     log.info("%s", vset.summary())
     ds = VolumeSliceDataset(vset.volumes, img_size, axis=slices.axis, seed=seed, body_threshold=slices.body_threshold)
     return ds, DataReport(len(vset.volumes), list(vset.bad))

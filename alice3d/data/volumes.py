@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VolumeSet:
-    volumes: list[Volume]
+    volumes: list  # Volume objects, or crop sources of a volume store (alice3d.data.store.StoreVolume)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    store: object = None  # the alice3d.data.store.VolumeStore the volumes come from, if any
 
     def summary(self) -> str:
         lines = [f"{len(self.volumes)} volumes usable, {len(self.bad)} quarantined"]
@@ -64,12 +65,18 @@ def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[floa
     vol = load_volume(path, reject_constant=True)
     log_modality_warnings(vol, "CT", log)
     vol = resample_to_spacing(reorient_to_ras(vol), spacing, exact=True)
-    if min_shape is not None and any(s < m for s, m in zip(vol.shape, min_shape)):
-        raise DataError(
-            f"{path}: volume is {vol.shape} voxels at {tuple(spacing)} mm, smaller than the crop "
-            f"{tuple(min_shape)}; use a smaller crop or a finer data.spacing"
-        )
+    small = too_small(vol.shape, spacing, min_shape)
+    if small:
+        raise DataError(f"{path}: {small}")
     return replace(vol, array=normalize_hu(vol.array, hu_window))
+
+
+def too_small(shape: Sequence[int], spacing: Sequence[float], min_shape: Sequence[int] | None) -> str:
+    """Why a volume of ``shape`` cannot give crops of ``min_shape`` ('' when it can)."""
+    if min_shape is None or all(s >= m for s, m in zip(shape, min_shape)):
+        return ""
+    return (f"volume is {tuple(int(s) for s in shape)} voxels at {tuple(spacing)} mm, smaller than the crop "
+            f"{tuple(min_shape)}; use a smaller crop or a finer data.spacing")
 
 
 def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float],
@@ -91,6 +98,12 @@ def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: S
         results = list(pool.map(one, paths))
     vols = [r for r in results if isinstance(r, Volume)]
     bad = [r for r in results if not isinstance(r, Volume)]
+    return finish_volume_set(vols, bad, on_bad_data, min_volumes, len(paths))
+
+
+def finish_volume_set(vols: list, bad: list[tuple[str, str]], on_bad_data: str, min_volumes: int,
+                      n_total: int) -> VolumeSet:
+    """The usable volumes, after reporting the bad ones per ``on_bad_data`` (``fail``: DataError)."""
     for p, reason in bad:
         log.warning("bad volume %s: %s", p, reason)
     if bad and on_bad_data == "fail":
@@ -98,9 +111,9 @@ def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: S
         raise DataError(f"{len(bad)} bad volume(s) (data.on_bad_data=fail, nothing was trained):\n  {listing}")
     if len(vols) < min_volumes:
         raise DataError(
-            f"only {len(vols)} usable volume(s) of {len(paths)}; at least {min_volumes} needed"
+            f"only {len(vols)} usable volume(s) of {n_total}; at least {min_volumes} needed"
             + (f" ({len(bad)} quarantined: " + "; ".join(f"{Path(p).name}: {r}" for p, r in bad) + ")" if bad else "")
         )
     if bad:
-        log.warning("%d of %d volumes quarantined for this run (data.on_bad_data=skip)", len(bad), len(paths))
+        log.warning("%d of %d volumes quarantined for this run (data.on_bad_data=skip)", len(bad), n_total)
     return VolumeSet(vols, bad)

@@ -40,7 +40,9 @@ def build_dataset(cfg: PretrainConfig) -> tuple[Dataset, DataReport]:
     kind = METHODS[cfg.method].dataset
     mcfg = cfg.method_config()
     if kind == "pairs":
-        return pair_dataset(cfg.data, cfg.pairs, mcfg.img_size, landmark=cfg.landmark, device=cfg.train.device,
+        # DataLoader workers are forked processes, where CUDA cannot be used: the matcher then runs on CPU.
+        device = "cpu" if cfg.train.num_workers > 0 else cfg.train.device
+        return pair_dataset(cfg.data, cfg.pairs, mcfg.img_size, landmark=cfg.landmark, device=device,
                             seed=cfg.train.seed)
     return image_dataset(cfg.data, cfg.slices, mcfg.img_size, in_channels=mcfg.in_channels, seed=cfg.train.seed)
 
