@@ -29,10 +29,9 @@ import sys
 import time
 from dataclasses import replace
 
+import bench_common as bc
 import torch
 from torch.utils.data import DataLoader
-
-import bench_common as bc
 
 
 def pretrain_config(crop, spacing, pairs: str = "landmark", seed: int = 0, data: str | None = None,

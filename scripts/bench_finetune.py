@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when i
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_common as bc  # noqa: E402
+
 from alice3d.finetune.config import EvalConfig, FinetuneConfig, ModelConfig  # noqa: E402
 from alice3d.finetune.evaluate import sliding_window_logits  # noqa: E402
 from alice3d.finetune.models import build_network, count_parameters, network_spec  # noqa: E402

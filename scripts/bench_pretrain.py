@@ -34,10 +34,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import bench_common as bc
 import torch
 import torch.nn as nn
 
-import bench_common as bc
 from alice3d.config import ConfigError, TrainConfig
 from alice3d.core.masking import gather_tokens, random_masking
 from alice3d.train.optim import build_optimizer, build_scheduler

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="RUN/landmark.pt")
@@ -39,7 +40,13 @@ def main(argv=None) -> int:
 
     from alice3d.data.phantom import default_cohort
     from landmark.evaluate import (
-        box_baseline, evaluate_pairs, format_table, load_cases, matcher_method, reference_method, untrained_network,
+        box_baseline,
+        evaluate_pairs,
+        format_table,
+        load_cases,
+        matcher_method,
+        reference_method,
+        untrained_network,
     )
     from landmark.match import Matcher, load_landmark_model
 

@@ -498,10 +498,10 @@ def _queries(matcher: Any, ea: Any, eb: Any, pts: Any) -> dict:
 
 def landmark(ctx: Context, res: dict) -> None:
     """Embedding of one abdomen-sized phantom and 100 batched queries with the shipped default model."""
+    import numpy as np
+
     from landmark.evaluate import sample_body_points
     from landmark.match import Matcher
-
-    import numpy as np
 
     p = ctx.preset
     model = _landmark_model()

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .schedules import cosine_schedule
 
-__all__ = ["make_target", "ema_update", "cosine_momentum"]
+__all__ = ["make_target", "ema_update", "cosine_momentum", "scaled_momentum_base"]
 
 _BUFFER_MODES = ("copy", "ema", "none")
 
@@ -62,3 +62,14 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float, buffers: s
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """BYOL/DINO momentum: half-cosine from `base` at step 0 to `final` at `total_steps`."""
     return cosine_schedule(step, total_steps, base, final)
+
+
+def scaled_momentum_base(base: float, steps: int, reference_steps: int) -> float:
+    """EMA start momentum for a `steps`-long run that moves the target as far as `base` does in `reference_steps`.
+
+    The target's summed step size is ~ sum(1 - m_t), proportional to (1 - base) * steps under the
+    cosine schedule, so `1 - (1 - base) * reference_steps / steps` keeps it fixed; clipped to [0, 1].
+    """
+    if steps < 1 or reference_steps < 1:
+        raise ValueError(f"scaled_momentum_base: steps and reference_steps must be >= 1, got {steps}, {reference_steps}")
+    return min(1.0, max(0.0, 1.0 - (1.0 - base) * reference_steps / steps))

@@ -62,7 +62,9 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -(p * z).sum(dim=-1).mean()
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = False) -> torch.Tensor:
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = False, self_negatives: bool = False
+) -> torch.Tensor:
     """InfoNCE: row i of q `(N, D)` is positive with row i of k `(N, D)`, negatives = other rows of k.
 
     Leading axes beyond one are flattened (`(B, T, D)` -> `(B*T, D)` rows). Both are
@@ -70,6 +72,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather:
     all ranks (gradient flows to the local slice) and labels are offset by `rank * N`, so the
     mean of the rank losses equals the single-process loss on the concatenated batch. k is not
     detached here.
+
+    `self_negatives=True` also puts the other rows of q in the denominator (ccMIM Eq. 7, the
+    visible-visible pairs; SimCLR's NT-Xent from one side):
+    `-log exp(q_i.k_i/t) / (sum_j exp(q_i.k_j/t) + sum_{j != i} exp(q_i.q_j/t))`, with q gathered
+    like k when `gather` (gradient through every q term).
     """
     if q.shape != k.shape:
         raise ValueError(f"info_nce: q {tuple(q.shape)} and k {tuple(k.shape)} differ")
@@ -78,11 +85,19 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather:
     k = F.normalize(_upcast(k.reshape(-1, d)), dim=-1)
     n = q.shape[0]
     offset = 0
+    q_all = q
     if gather and world_size() > 1:
         k = all_gather_with_grad(k)
+        if self_negatives:
+            q_all = all_gather_with_grad(q)
         offset = rank() * n
     logits = q @ k.t() / temperature
     labels = torch.arange(n, device=q.device) + offset
+    if self_negatives:
+        qq = q @ q_all.t() / temperature
+        own = torch.zeros_like(qq, dtype=torch.bool)
+        own[torch.arange(n, device=q.device), labels] = True  # q_i with itself is neither positive nor negative
+        logits = torch.cat([logits, qq.masked_fill(own, float("-inf"))], dim=1)
     return F.cross_entropy(logits, labels)
 
 

@@ -18,17 +18,24 @@ Choices where the paper leaves room (one line each):
   EMA of every student parameter it shares); so that one head fits both the decoder output
   (decoder_dim) and the encoder output (hidden_size), phi = head(Linear(decoder_dim -> hidden_size))
   and psi = EMA(head); the Linear is the identity when the two widths agree.
-- The teacher side of CASA (T) uses the same CASA weights and the same q and is computed
-  without gradient, like every teacher output.
+- The online views are MAE-style augmented (random resized crop + flips, `online_aug`) before
+  masking, as the paper states; the reconstruction target is the augmented view.
+- The teacher side of CASA (T) uses the same q and, by default, the live CASA weights without
+  gradient (`casa_target="live"`); `casa_target="ema"` uses an EMA copy updated like psi.
 - Each of the two terms of l_dv and l_st is one call of l_s; with "dino" each term has its own
   DINOLoss (own centre), as iBOT does for its cls and patch losses.
 - use_casa=False (ablation) pairs the raw token features: H at token i of the masked view with
   Y at token i of the augmented view, over all N tokens, i.e. exactly the misalignment that
   CASA is meant to remove.
-- predictor_hidden_dim > 0 adds a BYOL predictor (LayerNorm MLP) on the student side of l_dv
-  and l_st; the paper has none (default 0), but without one the negative cosine can settle on
-  a constant head output, so watch `teacher_cls_std` (spread of the teacher [cls] over the batch,
-  scaled so that random unit vectors give about 1; it goes to 0 on collapse).
+- Collapse: `online_std` / `target_std` are the spread of the student / teacher [cls] over the
+  batch (`alice3d.core.diagnostics.feature_spread`: ~1 spread out, 0 collapsed). With only what
+  the paper states (negative cosine, no predictor, EMA 0.996 -> 1) every small run collapses at
+  once (target_std ~0.08: a random head's pooled output is nearly the same vector for every
+  input). The shipped configs add, where the paper is silent: BatchNorm in the head MLP
+  (`head_bn`; the teacher's head then normalises with its own batch statistics, as in BYOL /
+  MoCo v3), a predictor on the student side (`predictor_hidden_dim`, `predictor_norm`), and an
+  EMA start rescaled to the run length (`ema_reference_steps`). `align_warmup_steps` (a linear
+  ramp of w_inter / w_intra) is available; the dataclass defaults are the paper's values.
 - Backbones (`encoder`): vit_* (tokens = patches), swin_* (tokens = the last stage, one per
   32^3-voxel unit) and nnformer* (tokens = the last stage, one per total-stride unit), behind
   the token interface of `alice3d.encoders.tokens`; the masking and norm-pix reconstruction unit is
@@ -50,7 +57,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alice3d.config import ConfigError, check_ratio
-from alice3d.core.ema import cosine_momentum, ema_update, make_target
+from alice3d.core.diagnostics import feature_spread
+from alice3d.core.ema import cosine_momentum, ema_update, make_target, scaled_momentum_base
 from alice3d.core.heads import PredictorMLP, ProjectionHead
 from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine
 from alice3d.core.masking import random_masking
@@ -61,12 +69,18 @@ from alice3d.methods.casa import CASA
 from alice3d.methods.decoder import MAEDecoder, check_decoder
 from alice3d.methods.mae import reconstruction_panels
 from alice3d.methods.views import (
-    AliceViews, StrongAugConfig, make_alice_views, make_seeded_alice_views, strong_augment,
+    AliceViews,
+    OnlineAugConfig,
+    StrongAugConfig,
+    make_alice_views,
+    make_seeded_alice_views,
+    strong_augment,
 )
 
 __all__ = ["AliceConfig", "Alice"]
 
 SIMILARITIES = ("cosine", "infonce", "dino")
+CASA_TARGETS = ("live", "ema")
 
 
 @dataclass
@@ -83,8 +97,10 @@ class AliceConfig(BackboneConfig):
     head_hidden_dim: int = 512
     head_bottleneck_dim: int = 128
     head_layers: int = 3
+    head_bn: bool = False  # BatchNorm in the head's MLP (the teacher's head then uses batch statistics)
     casa_heads: int = 1
     predictor_hidden_dim: int = 0  # > 0: BYOL predictor on the student side (not in the paper)
+    predictor_norm: Literal["ln", "bn"] = "ln"
     similarity: Literal["cosine", "infonce", "dino"] = "cosine"
     temperature: float = 0.2  # InfoNCE
     dino_student_temp: float = 0.1
@@ -96,7 +112,13 @@ class AliceConfig(BackboneConfig):
     norm_pix: bool = True
     ema_base: float = 0.996
     ema_final: float = 1.0
+    # > 0: the EMA start value is rescaled to the run length, 1 - (1 - ema_base) * ref / max_steps,
+    # so the target moves as far in a short run as ema_base lets it move in `ref` steps.
+    ema_reference_steps: int = 0
+    align_warmup_steps: int = 0  # w_inter and w_intra ramp linearly from 0 over this many steps
+    casa_target: Literal["live", "ema"] = "live"  # teacher side of CASA: live weights (no grad) or an EMA copy
     aug: StrongAugConfig = field(default_factory=StrongAugConfig)
+    online_aug: OnlineAugConfig = field(default_factory=OnlineAugConfig)
 
     def validate(self, prefix: str = "alice") -> None:
         self.validate_backbone(prefix, needs={"visible"}, method="Alice")
@@ -116,6 +138,15 @@ class AliceConfig(BackboneConfig):
             )
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature: expected > 0, got {self.temperature}")
+        if self.ema_reference_steps < 0 or self.align_warmup_steps < 0:
+            raise ConfigError(
+                f"{prefix}.ema_reference_steps / align_warmup_steps: expected >= 0 (0 = off), got "
+                f"{self.ema_reference_steps} / {self.align_warmup_steps}"
+            )
+        if self.predictor_norm not in ("ln", "bn"):
+            raise ConfigError(f"{prefix}.predictor_norm: expected 'ln' or 'bn', got {self.predictor_norm!r}")
+        if self.casa_target not in CASA_TARGETS:
+            raise ConfigError(f"{prefix}.casa_target: expected one of {list(CASA_TARGETS)}, got {self.casa_target!r}")
         if self.predictor_hidden_dim < 0:
             raise ConfigError(f"{prefix}.predictor_hidden_dim: expected >= 0 (0 = none), got {self.predictor_hidden_dim}")
         if self.head_out_dim % self.casa_heads:
@@ -124,6 +155,7 @@ class AliceConfig(BackboneConfig):
             )
         try:
             self.aug.validate(prefix + ".aug")
+            self.online_aug.validate(prefix + ".online_aug")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -141,13 +173,14 @@ class Alice(PretrainMethod):
         online: dict[str, nn.Module] = {"encoder": encoder}
         if self.use_target:
             online["head"] = ProjectionHead(
-                dim, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers
+                dim, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers, use_bn=cfg.head_bn
             )
         # Everything in `online` has a twin in `target` updated by EMA; nothing else does.
         self.online = nn.ModuleDict(online)
         self.decoder = MAEDecoder.for_encoder(encoder, cfg, encoder_dim=dim, pixels=cfg.w_rec > 0)
         self.dec_proj: nn.Module | None = None
         self.casa: CASA | None = None
+        self.casa_target: CASA | None = None
         self.target: nn.ModuleDict | None = None
         self.dino: nn.ModuleDict | None = None
         self.predictors: nn.ModuleDict | None = None
@@ -155,13 +188,15 @@ class Alice(PretrainMethod):
             self.dec_proj = nn.Identity() if cfg.decoder_dim == dim else nn.Linear(cfg.decoder_dim, dim)
             if cfg.w_intra > 0 and cfg.use_casa:
                 self.casa = CASA(query_dim=dim, kv_dim=cfg.head_out_dim, num_heads=cfg.casa_heads)
+                if cfg.casa_target == "ema":
+                    self.casa_target = make_target(self.casa).eval()
             self.target = make_target(self.online)
             self.target.eval()
             terms = [t for t, w in (("inter", cfg.w_inter), ("intra", cfg.w_intra)) if w > 0]
             if cfg.predictor_hidden_dim > 0:
                 out_dim = cfg.head_out_dim
                 self.predictors = nn.ModuleDict(
-                    {t: PredictorMLP(out_dim, cfg.predictor_hidden_dim, out_dim, norm="ln") for t in terms}
+                    {t: PredictorMLP(out_dim, cfg.predictor_hidden_dim, out_dim, norm=cfg.predictor_norm) for t in terms}
                 )
             if cfg.similarity == "dino":
                 self.dino = nn.ModuleDict(
@@ -176,6 +211,8 @@ class Alice(PretrainMethod):
                     }
                 )
         self.last_momentum = cfg.ema_base
+        # Optimizer steps done, saved with the model so a resumed run continues the warm-up.
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     @property
     def encoder(self) -> nn.Module:
@@ -184,8 +221,14 @@ class Alice(PretrainMethod):
 
     def train(self, mode: bool = True) -> Alice:
         super().train(mode)
-        if self.target is not None:
-            self.target.eval()  # the teacher never runs in training mode
+        for teacher in (self.target, self.casa_target):
+            if teacher is not None:
+                teacher.eval()  # the teacher never runs in training mode ...
+        if mode and self.target is not None and self.cfg.head_bn:
+            # ... except its head's BatchNorm, which normalises with the teacher's own batch
+            # statistics (BYOL, MoCo v3): the running statistics are the student's, taken on
+            # decoder features, not on the teacher's encoder features.
+            self.target["head"].train()
         return self
 
     # ------------------------------------------------------------------ views and losses
@@ -201,10 +244,17 @@ class Alice(PretrainMethod):
     def make_views(self, batch: dict) -> AliceViews:
         """Views of `batch`; with `batch["view_seed"]` (B,) each pair's views come from its own seed."""
         q, k = self.crops(batch)
+        cfg = self.cfg
         if "view_seed" in batch:
-            return make_seeded_alice_views(q, k, batch["view_seed"], self.encoder.num_tokens, self.cfg.mask_ratio,
-                                           self.cfg.aug)
-        return make_alice_views(q, k, self.encoder.num_tokens, self.cfg.mask_ratio, self.cfg.aug)
+            return make_seeded_alice_views(q, k, batch["view_seed"], self.encoder.num_tokens, cfg.mask_ratio,
+                                           cfg.aug, cfg.online_aug)
+        return make_alice_views(q, k, self.encoder.num_tokens, cfg.mask_ratio, cfg.aug, online_aug=cfg.online_aug)
+
+    def align_scale(self) -> float:
+        """Factor of w_inter and w_intra now: linear from 0 to 1 over `align_warmup_steps` optimizer steps."""
+        if self.cfg.align_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, int(self.steps_done) / self.cfg.align_warmup_steps)
 
     def similarity(self, student: torch.Tensor, teacher: torch.Tensor, term: str) -> torch.Tensor:
         """l_s between student `(B, D)` / `(B, N, D)` and teacher of the same shape (teacher: no grad)."""
@@ -253,20 +303,24 @@ class Alice(PretrainMethod):
                 )
                 paired_t = torch.cat([cls_t[b:], cls_t[:b]])
                 out["inter_cos"] = F.cosine_similarity(cls_s.detach().float(), paired_t.float(), dim=-1).mean()
-                out["teacher_cls_std"] = F.normalize(cls_t.float(), dim=-1).std(dim=0).mean() * math.sqrt(cls_t.shape[-1])
+                out["online_std"], out["target_std"] = feature_spread(cls_s), feature_spread(cls_t)
             if cfg.w_intra > 0:
                 if self.casa is not None:
                     query = self.casa.query(latent)
                     s = self.casa.attend(query, h)  # S: (2B, N_m, Dh)
                     with torch.no_grad():
-                        t = self.casa.attend(query, y)  # T: same q, teacher keys/values
+                        teacher_casa = self.casa_target if self.casa_target is not None else self.casa
+                        t = teacher_casa.attend(query, y)  # T: same q, teacher keys/values
                 else:
                     s, t = h, y
                 # Within each volume only: S_u^Q with T_w^Q, S_r^K with T_v^K.
                 loss_intra = self.similarity(s[:b], t[:b], "intra") + self.similarity(s[b:], t[b:], "intra")
                 out["intra_cos"] = F.cosine_similarity(s.detach().float(), t.float(), dim=-1).mean()
+                if cfg.w_inter == 0:  # no [cls]: the spread of the token features shows collapse
+                    out["online_std"], out["target_std"] = feature_spread(s), feature_spread(t)
 
-        loss = cfg.w_rec * loss_rec + cfg.w_inter * loss_inter + cfg.w_intra * loss_intra
+        scale = self.align_scale()
+        loss = cfg.w_rec * loss_rec + scale * (cfg.w_inter * loss_inter + cfg.w_intra * loss_intra)
         out.update(
             loss=loss,
             loss_rec=loss_rec.detach(),
@@ -274,17 +328,29 @@ class Alice(PretrainMethod):
             loss_intra=loss_intra.detach(),
             ema_momentum=zero.new_tensor(self.last_momentum),
         )
+        if cfg.align_warmup_steps > 0:
+            out["align_scale"] = zero.new_tensor(scale)
         return out
 
     # ------------------------------------------------------------------ trainer hooks
 
+    def ema_start(self, max_steps: int) -> float:
+        """The EMA momentum at step 0 of a `max_steps` run (`ema_base`, or rescaled to the run length)."""
+        cfg = self.cfg
+        if cfg.ema_reference_steps <= 0:
+            return cfg.ema_base
+        return min(scaled_momentum_base(cfg.ema_base, max_steps, cfg.ema_reference_steps), cfg.ema_final)
+
     @torch.no_grad()
     def update_target(self, step: int, max_steps: int) -> float | None:
         """EMA step after an optimizer step: target <- m * target + (1 - m) * online, cosine m."""
+        self.steps_done.fill_(step)
         if self.target is None:
             return None
-        m = cosine_momentum(step, max_steps, self.cfg.ema_base, self.cfg.ema_final)
+        m = cosine_momentum(step, max_steps, self.ema_start(max_steps), self.cfg.ema_final)
         ema_update(self.target, self.online, m)
+        if self.casa_target is not None:
+            ema_update(self.casa_target, self.casa, m)
         self.last_momentum = m
         return m
 

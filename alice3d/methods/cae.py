@@ -9,6 +9,8 @@ of the masked patches only (+ their positions) and predicts norm-pix targets. Al
 MSE between the regressed masked representations and the stop-gradient encoder run on the
 masked patches (the same weights by default; an EMA copy when `target_momentum > 0`).
 Loss = loss_rec + align_weight * loss_align. Batch: `{"image": (B, C, *img_size)}`.
+`online_std` / `target_std`: spread over the batch of the regressed / target masked-patch
+representations, one row per token (`alice3d.core.diagnostics`; 0 = collapse).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, TransformerBlock
 
 from alice3d.config import ConfigError, check_ratio
+from alice3d.core.diagnostics import feature_spread
 from alice3d.core.ema import ema_update, make_target
 from alice3d.core.losses import masked_mse
 from alice3d.core.masking import MaskInfo, block_masking, gather_tokens, merge_tokens
@@ -159,7 +162,7 @@ class MaskedDecoder(nn.Module):
 
 
 class CAE(PretrainMethod):
-    """Context autoencoder; `forward(batch)` -> `{"loss", "loss_rec", "loss_align"}`."""
+    """Context autoencoder; `forward(batch)` -> `{"loss", "loss_rec", "loss_align", "online_std", "target_std"}`."""
 
     def __init__(self, cfg: CAEConfig | None = None) -> None:
         super().__init__()
@@ -211,7 +214,8 @@ class CAE(PretrainMethod):
         target = self.alignment_target(x, masking)
         loss_align = F.mse_loss(regressed.float(), target.float())
         loss = loss_rec + self.cfg.align_weight * loss_align
-        return {"loss": loss, "loss_rec": loss_rec.detach(), "loss_align": loss_align.detach()}
+        return {"loss": loss, "loss_rec": loss_rec.detach(), "loss_align": loss_align.detach(),
+                "online_std": feature_spread(regressed), "target_std": feature_spread(target)}
 
     @torch.no_grad()
     def update_target(self, step: int, max_steps: int) -> None:

@@ -6,9 +6,12 @@ patches; the top `mask_ratio` of the scores perturbed by `noise_scale * U[0, 1)`
 (scores are min-max normalised first, see `core.masking.importance_masking`). The visible
 and the masked set are encoded separately, each behind its own CLS token. A MAE decoder
 reconstructs the masked set from the visible set (norm-pix MSE), and the visible CLS is
-contrasted with the stop-gradient masked CLS: InfoNCE with negatives = the other images'
-masked CLS, gathered across ranks (`contrast="infonce"`), or SimSiam-style negative cosine
-through a predictor (`contrast="simsiam"`). Loss = loss_rec + contrast_weight * loss_con.
+contrasted with the stop-gradient masked CLS: InfoNCE (Eq. 7) whose denominator holds the
+other images' masked CLS and the other images' visible CLS, gathered across ranks
+(`contrast="infonce"`; `visible_negatives=False` drops the visible-visible terms), or
+SimSiam-style negative cosine through a predictor (`contrast="simsiam"`).
+Loss = loss_rec + contrast_weight * loss_con. `online_std` / `target_std`: spread of the
+visible / masked CLS projections over the batch (`alice3d.core.diagnostics`; 0 = collapse).
 Batch: `{"image": (B, C, *img_size)}`.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from alice3d.config import ConfigError, check_choice, check_ratio
+from alice3d.core.diagnostics import feature_spread
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.losses import info_nce, masked_mse, negative_cosine
 from alice3d.core.masking import MaskInfo, importance_masking
@@ -49,6 +53,7 @@ class CCMIMConfig(BackboneConfig):
     proj_hidden_dim: int = 1024
     proj_dim: int = 256
     gather_negatives: bool = True  # all-gather the masked CLS keys across ranks
+    visible_negatives: bool = True  # Eq. 7: the other images' visible CLS are negatives too
     norm_pix: bool = True
 
     def validate(self, prefix: str = "ccmim") -> None:
@@ -92,7 +97,7 @@ def cls_attention_scores(encoder: ViTEncoder, x: torch.Tensor) -> torch.Tensor:
 
 
 class CCMIM(PretrainMethod):
-    """`forward(batch)` -> `{"loss", "loss_rec", "loss_con", "masked_score_gap"}`.
+    """`forward(batch)` -> `{"loss", "loss_rec", "loss_con", "masked_score_gap", "online_std", "target_std"}`.
 
     `masked_score_gap` is the mean normalised score of masked minus visible patches (a
     diagnostic of how much the attention actually steers the masking).
@@ -131,13 +136,16 @@ class CCMIM(PretrainMethod):
         if self.predictor is not None:
             loss_con = negative_cosine(self.predictor(q), k)
         else:
-            loss_con = info_nce(q, k, self.cfg.temperature, gather=self.cfg.gather_negatives)
+            loss_con = info_nce(q, k, self.cfg.temperature, gather=self.cfg.gather_negatives,
+                                self_negatives=self.cfg.visible_negatives)
         loss = loss_rec + self.cfg.contrast_weight * loss_con
         return {
             "loss": loss,
             "loss_rec": loss_rec.detach(),
             "loss_con": loss_con.detach(),
             "masked_score_gap": _score_gap(scores, masking.mask),
+            "online_std": feature_spread(q),
+            "target_std": feature_spread(k),
         }
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -2,18 +2,23 @@
 
 MIM as contrastive learning with occlusion as the transformation.
 
-R-MAE (relaxed MAE): the masked view (visible set V) and the complementary view (visible set
-= the masked set M of the first) are each encoded and decoded to all patches. On M the
-masked view's reconstruction is matched to the complementary view's (stop-gradient by
-default: the pixel target of MAE is replaced by the other branch), and an autoencoding
-constraint ties the complementary view's reconstruction of its own visible patches (M) to
-the norm-pix pixels. Loss = loss_match + ae_weight * loss_ae.
+R-MAE (relaxed MAE, Eq. 8): the masked view (visible set V) and the complementary view
+(visible set = the masked set M of the first) are encoded by the one encoder and decoded to
+all patches, the masked view by decoder phi, the complementary view by its own decoder phi'.
+On M the masked view's reconstruction is matched to the complementary view's (the pixel
+target of MAE is replaced by the other branch), and an autoencoding constraint ties phi''s
+reconstruction of the complementary view's own visible patches (M) to the norm-pix pixels.
+Loss = loss_match + ae_weight * loss_ae, both decoders optimised jointly (the match term
+trains both branches). `decoders="shared"` with `stop_grad_target=True` is the earlier form:
+one decoder for both views and a stop-gradient complementary branch that learns from the
+autoencoding term only.
 
 C-MAE (contrastive MAE): two intensity-jittered views with independent masks; the encoder
 replaces masked patches by a learnable mask token and keeps every token; token-wise
 InfoNCE between the online projector+predictor output of one view and the EMA teacher's
 projector output of the other (same patch = positive, all other tokens = negatives),
-symmetrised. Batch for both: `{"image": (B, C, *img_size)}`.
+symmetrised; `online_std` / `target_std` are the spread of the predictor / teacher outputs
+over all tokens of the batch (`alice3d.core.diagnostics`; 0 = collapse). Batch for both: `{"image": (B, C, *img_size)}`.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alice3d.config import ConfigError, check_ratio
+from alice3d.config import ConfigError, check_choice, check_ratio
+from alice3d.core.diagnostics import feature_spread
 from alice3d.core.ema import cosine_momentum, ema_update, make_target
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.losses import info_nce, masked_mse
 from alice3d.core.masking import MaskInfo, gather_tokens, mask_to_image, masking_from_mask, random_masking
 from alice3d.core.patches import patchify
-from alice3d.methods.convmim import intensity_jitter
 from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.convmim import intensity_jitter
 from alice3d.methods.decoder import MAEDecoder, check_decoder
 from alice3d.methods.mae import reconstruction_panels
 
@@ -58,13 +64,15 @@ class RMAEConfig(BackboneConfig):
     decoder_depth: int = 8
     decoder_heads: int = 12
     ae_weight: float = 1.0  # lambda of the autoencoding constraint
-    stop_grad_target: bool = True  # the complementary branch learns from the AE term only
+    decoders: str = "two"  # two: phi and phi' (Eq. 8) | shared: one decoder for both views
+    stop_grad_target: bool = False  # True: the complementary branch learns from the AE term only
     norm_pix: bool = True
 
     def validate(self, prefix: str = "rmae") -> None:
         self.validate_backbone(prefix, needs={"visible"}, method="R-MAE")
         check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
         check_decoder(self, prefix)
+        check_choice(f"{prefix}.decoders", self.decoders, ["two", "shared"])
         if self.ae_weight < 0:
             raise ConfigError(f"{prefix}.ae_weight: expected >= 0, got {self.ae_weight}")
 
@@ -77,17 +85,21 @@ class RMAE(PretrainMethod):
         self.cfg = cfg = cfg or RMAEConfig()
         cfg.validate()
         self.encoder = build_backbone(cfg)
-        self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)
+        self.decoder = MAEDecoder.for_encoder(self.encoder, cfg)  # phi: the masked view
+        # phi': the complementary view (Eq. 8); None = it shares phi.
+        self.decoder_comp = MAEDecoder.for_encoder(self.encoder, cfg) if cfg.decoders == "two" else None
 
-    def reconstruct(self, x: torch.Tensor, masking: MaskInfo) -> torch.Tensor:
-        """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from the visible units of `masking`."""
-        return self.decoder(self.encoder.encode_visible(x, masking), masking.ids_restore)[1]
+    def reconstruct(self, x: torch.Tensor, masking: MaskInfo, complementary: bool = False) -> torch.Tensor:
+        """`(B, C, *img_size)` -> predicted patches `(B, L, P)` from the visible units of `masking`,
+        decoded by phi, or by phi' with `complementary` (phi when the decoders are shared)."""
+        decoder = self.decoder_comp if complementary and self.decoder_comp is not None else self.decoder
+        return decoder(self.encoder.encode_visible(x, masking), masking.ids_restore)[1]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x = check_images(batch, "image", self.encoder)
         masking = random_masking(x.shape[0], self.encoder.num_tokens, self.cfg.mask_ratio, device=x.device)
         pred = self.reconstruct(x, masking)
-        pred_comp = self.reconstruct(x, complement(masking))
+        pred_comp = self.reconstruct(x, complement(masking), complementary=True)
         target = pred_comp.detach() if self.cfg.stop_grad_target else pred_comp
         loss_match = masked_mse(pred, target, masking.mask, norm_pix=False)
         pixels = patchify(x, self.encoder.patch_size)
@@ -111,7 +123,8 @@ class RMAE(PretrainMethod):
         masking = random_masking(1, self.encoder.num_tokens, self.cfg.mask_ratio, device=x.device)
         panels = reconstruction_panels(x, masking, self.reconstruct(x, masking), self.encoder.patch_size, self.cfg.norm_pix)
         comp = complement(masking)
-        other = reconstruction_panels(x, comp, self.reconstruct(x, comp), self.encoder.patch_size, self.cfg.norm_pix)
+        other = reconstruction_panels(x, comp, self.reconstruct(x, comp, complementary=True), self.encoder.patch_size,
+                                      self.cfg.norm_pix)
         panels["complement_masked"] = other["masked"]
         panels["complement_reconstruction"] = other["reconstruction"]
         return panels
@@ -166,7 +179,8 @@ class _TokenBranch(nn.Module):
 
 
 class CMAE(PretrainMethod):
-    """`forward(batch)` -> `{"loss", "loss_con", "token_acc"}` (token_acc: top-1 of the positive among all keys)."""
+    """`forward(batch)` -> `{"loss", "loss_con", "token_acc", "online_std", "target_std"}` (token_acc: top-1 of
+    the positive among all keys)."""
 
     def __init__(self, cfg: CMAEConfig | None = None) -> None:
         super().__init__()
@@ -215,7 +229,8 @@ class CMAE(PretrainMethod):
         l12, a12 = self._loss(p1, z2, ids)
         l21, a21 = self._loss(p2, z1, ids)
         loss = 0.5 * (l12 + l21)
-        return {"loss": loss, "loss_con": loss.detach(), "token_acc": 0.5 * (a12 + a21)}
+        return {"loss": loss, "loss_con": loss.detach(), "token_acc": 0.5 * (a12 + a21),
+                "online_std": feature_spread(torch.cat([p1, p2])), "target_std": feature_spread(torch.cat([z1, z2]))}
 
     @torch.no_grad()
     def update_target(self, step: int, max_steps: int) -> None:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from alice3d.core.masking import MaskInfo, random_masking
 
 __all__ = [
-    "StrongAugConfig", "AliceViews", "random_affine", "affine_warp", "strong_augment", "make_alice_views",
-    "make_seeded_alice_views",
+    "StrongAugConfig", "OnlineAugConfig", "AliceViews", "random_affine", "affine_warp", "strong_augment",
+    "random_resized_crop", "make_alice_views", "make_seeded_alice_views",
 ]
 
 
@@ -52,6 +52,32 @@ class StrongAugConfig:
                 f"{prefix}.intensity_scale / intensity_shift must be >= 0, got "
                 f"{self.intensity_scale} / {self.intensity_shift}"
             )
+
+
+@dataclass
+class OnlineAugConfig:
+    """MAE-style augmentation of the masked (online) views: random resized crop + flips, before masking.
+
+    scale: range of the fraction of the crop's volume (area in 2D) that is cut out and resized
+        back to the full crop (MAE: (0.2, 1.0) of the area in 2D).
+    ratio: range of the per-axis stretch of the cut-out box (log-uniform per axis, then
+        rescaled so the box keeps the drawn volume; MAE: aspect ratio (3/4, 4/3)).
+    flip_prob: probability of mirroring each spatial axis.
+    enabled: False gives the online branch the crop as it is (the target views are unaffected).
+    """
+
+    enabled: bool = True
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+    def validate(self, prefix: str = "online_aug") -> None:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"{prefix}.scale must be (low, high) with 0 < low <= high <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= 1 <= self.ratio[1]):
+            raise ValueError(f"{prefix}.ratio must be (low, high) with 0 < low <= 1 <= high, got {self.ratio}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"{prefix}.flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, device, generator) -> torch.Tensor:
@@ -116,12 +142,44 @@ def strong_augment(
     return out * scale.view(view).to(out.dtype) + shift.view(view).to(out.dtype)
 
 
+def random_resized_crop(
+    x: torch.Tensor, cfg: OnlineAugConfig | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A random box of each sample of `x (B, C, *spatial)`, resized to the full size and randomly flipped.
+
+    Box sides (whole voxels, at least 1) have a volume fraction in `cfg.scale` and a per-axis
+    stretch in `cfg.ratio`; the box lies inside the crop at a uniform random position. Resizing
+    is (bi/tri)linear; the box is cut with integer bounds, so a full-size box is the input itself.
+    """
+    cfg = cfg or OnlineAugConfig()
+    b, nd = x.shape[0], x.ndim - 2
+    size = x.shape[2:]
+    volume = _uniform((b, 1), cfg.scale[0], cfg.scale[1], x.device, generator)
+    log_r = _uniform((b, nd), math.log(cfg.ratio[0]), math.log(cfg.ratio[1]), x.device, generator)
+    log_r = log_r - log_r.mean(dim=1, keepdim=True)  # the stretch keeps the drawn volume
+    sides = (volume.log() / nd + log_r).exp().clamp(max=1.0)
+    where = _uniform((b, nd), 0.0, 1.0, x.device, generator)
+    flips = _uniform((b, nd), 0.0, 1.0, x.device, generator) < cfg.flip_prob
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
+    out = []
+    for i in range(b):
+        box = [max(1, min(n, round(float(sides[i, d]) * n))) for d, n in enumerate(size)]
+        start = [int(float(where[i, d]) * (n - w + 1)) for d, (n, w) in enumerate(zip(size, box))]
+        crop = x[(slice(i, i + 1), slice(None), *(slice(s0, s0 + w) for s0, w in zip(start, box)))]
+        if tuple(box) != tuple(size):
+            crop = F.interpolate(crop.float(), size=tuple(size), mode=mode, align_corners=False).to(x.dtype)
+        axes = [2 + d for d in range(nd) if bool(flips[i, d])]
+        out.append(crop.flip(axes) if axes else crop)
+    return torch.cat(out)
+
+
 @dataclass
 class AliceViews:
     """The four Alice views of a batch of query/key crops, stacked as `[Q; K]` along the batch.
 
-    images `(2B, C, *spatial)`: Q then K (input of the masked online branch, which only ever sees
-        the tokens in `masking.ids_keep`: X_u^Q, X_r^K).
+    images `(2B, C, *spatial)`: Q then K after the online augmentation (random resized crop +
+        flips, if any): the input of the masked online branch, which only ever sees the tokens
+        in `masking.ids_keep` (X_u^Q, X_r^K), and its reconstruction target.
     masking: MaskInfo over the 2B rows (independent masks for Q and K).
     augmented `(2B, C, *spatial)`: intact strongly augmented X_w^Q then X_v^K (target branch).
     """
@@ -142,13 +200,20 @@ def make_alice_views(
     mask_ratio: float,
     aug: StrongAugConfig | None = None,
     generator: torch.Generator | None = None,
+    online_aug: OnlineAugConfig | None = None,
 ) -> AliceViews:
-    """`q`, `k (B, C, *spatial)` -> AliceViews; masks and augmentations drawn independently per row."""
+    """`q`, `k (B, C, *spatial)` -> AliceViews; masks and augmentations drawn independently per row.
+
+    The target views are strong augmentations of the crops themselves; `online_aug` (None or
+    disabled: none) augments the online views independently of them.
+    """
     if q.shape != k.shape:
         raise ValueError(f"make_alice_views: query {tuple(q.shape)} and key {tuple(k.shape)} crops differ in shape")
     images = torch.cat([q, k], dim=0)
     masking = random_masking(images.shape[0], num_tokens, mask_ratio, device=images.device, generator=generator)
     augmented = strong_augment(images, aug, generator)
+    if online_aug is not None and online_aug.enabled:
+        images = random_resized_crop(images, online_aug, generator)
     return AliceViews(images=images, masking=masking, augmented=augmented)
 
 
@@ -159,6 +224,7 @@ def make_seeded_alice_views(
     num_tokens: int,
     mask_ratio: float,
     aug: StrongAugConfig | None = None,
+    online_aug: OnlineAugConfig | None = None,
 ) -> AliceViews:
     """Like `make_alice_views`, with the masks and augmentations of pair `i` drawn from `seeds[i]` alone.
 
@@ -173,7 +239,7 @@ def make_seeded_alice_views(
     per_pair = []
     for i, seed in enumerate(seeds):
         gen = torch.Generator(device=q.device).manual_seed(seed)
-        per_pair.append(make_alice_views(q[i : i + 1], k[i : i + 1], num_tokens, mask_ratio, aug, gen))
+        per_pair.append(make_alice_views(q[i : i + 1], k[i : i + 1], num_tokens, mask_ratio, aug, gen, online_aug))
     # Each per-pair view is [Q_i; K_i]; reorder to [Q_0..Q_{B-1}; K_0..K_{B-1}].
     order = lambda get: torch.cat([get(v)[:1] for v in per_pair] + [get(v)[1:] for v in per_pair])  # noqa: E731
     masking = MaskInfo(
@@ -182,4 +248,4 @@ def make_seeded_alice_views(
         ids_restore=order(lambda v: v.masking.ids_restore),
         ids_masked=order(lambda v: v.masking.ids_masked),
     )
-    return AliceViews(images=torch.cat([q, k]), masking=masking, augmented=order(lambda v: v.augmented))
+    return AliceViews(images=order(lambda v: v.images), masking=masking, augmented=order(lambda v: v.augmented))

@@ -37,7 +37,11 @@ def _cpu_train() -> TrainConfig:
 
 
 def _cpu_alice() -> AliceConfig:
-    return AliceConfig(**_CPU_VIT, **_CPU_DECODER, head_out_dim=128, head_hidden_dim=256, head_bottleneck_dim=64)
+    # Without BatchNorm in the head, a predictor and an EMA scaled to the run length, the
+    # paper's negative cosine collapses here within ~10 steps (target_std ~0.08); with them
+    # target_std stays ~0.8 (scripts/experiments/collapse_sweep.py, README "Pretraining").
+    return AliceConfig(**_CPU_VIT, **_CPU_DECODER, head_out_dim=128, head_hidden_dim=256, head_bottleneck_dim=64,
+                       head_bn=True, predictor_hidden_dim=256, predictor_norm="bn", ema_reference_steps=1500)
 
 
 @dataclass

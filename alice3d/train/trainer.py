@@ -35,11 +35,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alice3d.config import TrainConfig, to_dict
+from alice3d.core.dist import DistInfo, comm_failure_message, init_distributed, is_comm_failure, rank, resolve_device
 from alice3d.errors import Alice3DError
 from alice3d.runtime import Progress
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from alice3d.core.dist import (DistInfo, comm_failure_message, init_distributed, is_comm_failure, rank,
-                               resolve_device)
+from alice3d.train.collapse import CollapseMonitor
 from alice3d.train.module import BatchDataset, TrainModule
 from alice3d.train.optim import build_optimizer, build_scheduler
 from alice3d.viz.ortho import save_volume_panels
@@ -194,6 +194,9 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        self.collapse = CollapseMonitor()  # warns when a siamese target's `target_std` stays low
+        self._consecutive_bad = 0  # non-finite steps in a row (train_step may run outside fit)
+        self._t_last = time.perf_counter()
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -428,6 +431,8 @@ class Trainer:
                            "samples_per_s": samples / max(now - self._t_last, 1e-9)})
             self._t_last = now
             self.log_metrics(record)
+            if self.dist.is_main:
+                self.collapse.observe(record)
             result.last_metrics = record
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         bar.update(1)

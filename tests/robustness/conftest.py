@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from faults import LANDMARK_TINY, PRETRAIN
 
 

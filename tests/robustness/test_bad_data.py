@@ -13,7 +13,6 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
-
 from faults import COMMANDS, cohort_entries, metrics, write_datalist
 
 

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-
 from faults import ALICE, COMMANDS, checkpoint_step, log_text, metrics, step_losses, wait_for_steps
 
 # (max_steps, ckpt_every) per command: long enough that a kill lands mid-run, short enough for CI.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from faults import COMMANDS, log_text, wait_for_steps
 
 TIMEOUT_S = 5

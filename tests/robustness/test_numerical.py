@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from faults import COMMANDS, checkpoint_step, metrics
 
 

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from faults import COMMANDS, FINETUNE, PRETRAIN, write_malicious
 
 ALICE_TINY = ["method=alice", "alice.img_size=[32,32,16]", "alice.encoder=vit_tiny",

@@ -325,3 +325,136 @@ def test_config_works_with_yaml_style_overrides():
     assert from_dict(AliceConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="similarity"):
         load_config(AliceConfig, None, ["similarity=l2"])
+
+
+# ---- collapse diagnostics and the anti-collapse options ------------------------------------
+
+from alice3d.core.diagnostics import feature_spread  # noqa: E402
+from alice3d.core.ema import scaled_momentum_base  # noqa: E402
+
+
+def test_spread_metrics_are_those_of_the_cls_projections():
+    model = tiny_model(3).eval()
+    batch = tiny_batch(3, b=3)
+    views = make_alice_views(batch["q"], batch["k"], model.encoder.num_tokens, 0.75,
+                             model.cfg.aug, torch.Generator().manual_seed(0))
+    out = model.forward_views(views)
+    with torch.no_grad():
+        v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
+        h = model.online["head"](model.dec_proj(model.decoder(v, views.masking.ids_restore)[0]))
+        y = model.target["head"](model.target["encoder"](views.augmented))
+    torch.testing.assert_close(out["online_std"], feature_spread(h.mean(1)))
+    torch.testing.assert_close(out["target_std"], feature_spread(y.mean(1)))
+    assert "teacher_cls_std" not in out  # replaced by target_std (the same quantity)
+    # Without the inter term, the token features of the intra term are measured instead.
+    intra_only = tiny_model(3, w_inter=0.0)(tiny_batch(3))
+    assert {"online_std", "target_std"} <= set(intra_only)
+
+
+def test_ema_start_scales_with_the_run_length():
+    assert scaled_momentum_base(0.996, 150, 1500) == pytest.approx(0.96)
+    assert scaled_momentum_base(0.996, 100_000, 100_000) == pytest.approx(0.996)
+    assert scaled_momentum_base(0.996, 3000, 1500) == pytest.approx(0.998)
+    assert scaled_momentum_base(0.99, 10, 1500) == 0.0  # clipped: the target is the online copy
+    model = tiny_model(3, ema_reference_steps=1500)
+    assert model.ema_start(150) == pytest.approx(0.96)
+    assert model.update_target(0, 150) == pytest.approx(0.96)  # cosine schedule starts at the scaled base
+    assert model.update_target(150, 150) == pytest.approx(1.0)
+    assert tiny_model(3).ema_start(150) == 0.996  # 0 = off: the configured base
+    with pytest.raises(ConfigError, match="ema_reference_steps"):
+        Alice(tiny_cfg(3, ema_reference_steps=-1))
+
+
+def test_alignment_warmup_ramps_the_weights_and_survives_a_state_dict_round_trip():
+    model = tiny_model(3, align_warmup_steps=4).eval()
+    batch = tiny_batch(3)
+    for step, scale in ((0, 0.0), (1, 0.25), (4, 1.0), (9, 1.0)):
+        model.steps_done.fill_(step)
+        torch.manual_seed(0)
+        out = model(batch)
+        assert float(out["align_scale"]) == pytest.approx(scale)
+        expected = out["loss_rec"] + scale * (out["loss_inter"] + out["loss_intra"])
+        torch.testing.assert_close(out["loss"].detach(), expected)
+    model.update_target(2, 10)
+    other = tiny_model(3, align_warmup_steps=4)
+    other.load_state_dict(model.state_dict())
+    assert other.align_scale() == pytest.approx(0.5)
+
+
+def test_casa_target_ema_copy_gets_no_gradient_and_follows_the_ema():
+    model = tiny_model(3, casa_target="ema")
+    assert model.casa_target is not None and not model.casa_target.training
+    assert all(not p.requires_grad for p in model.casa_target.parameters())
+    model(tiny_batch(3))["loss"].backward()
+    assert all(p.grad is None for p in model.casa_target.parameters())
+    with torch.no_grad():
+        for p in model.casa.parameters():
+            p.add_(0.1)
+    before = {n: p.clone() for n, p in model.casa_target.named_parameters()}
+    live = dict(model.casa.named_parameters())
+    m = model.update_target(3, 10)
+    for name, p in model.casa_target.named_parameters():
+        torch.testing.assert_close(p, before[name] + (1 - m) * (live[name].detach() - before[name]))
+    # T comes from the EMA copy: with its weights changed, the intra loss changes, the inter one not.
+    model.eval()
+    batch = tiny_batch(3)
+    torch.manual_seed(0)
+    a = model(batch)
+    with torch.no_grad():
+        for p in model.casa_target.parameters():
+            p.mul_(0.5)
+    torch.manual_seed(0)
+    b = model(batch)
+    torch.testing.assert_close(a["loss_inter"], b["loss_inter"])
+    assert not torch.allclose(a["loss_intra"], b["loss_intra"])
+    assert tiny_model(3).casa_target is None  # default: the live weights under no_grad
+
+
+def test_head_batchnorm_uses_the_teachers_own_batch_statistics():
+    model = tiny_model(3, head_bn=True, predictor_hidden_dim=16, predictor_norm="bn")
+    model.train()
+    assert model.target["head"].training and not model.target["encoder"].training
+    assert isinstance(model.predictors["inter"].net[1], torch.nn.BatchNorm1d)
+    out = model(tiny_batch(3))
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.target.parameters())
+    model.eval()
+    assert not model.target["head"].training
+
+
+def test_make_views_applies_the_online_augmentation():
+    batch = tiny_batch(3)
+    on = tiny_model(3)
+    torch.manual_seed(0)
+    views = on.make_views(batch)
+    assert not torch.allclose(views.images, torch.cat([batch["q"], batch["k"]]))
+    off = tiny_model(3, online_aug=dataclasses.replace(AliceConfig().online_aug, enabled=False))
+    torch.manual_seed(0)
+    torch.testing.assert_close(off.make_views(batch).images, torch.cat([batch["q"], batch["k"]]), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="online_aug.scale"):
+        Alice(tiny_cfg(3, online_aug=dataclasses.replace(AliceConfig().online_aug, scale=(0.0, 1.0))))
+
+
+def test_shipped_anti_collapse_settings_keep_the_teacher_spread_where_the_paper_setting_collapses():
+    """20 steps on fixed random crops: the paper's setting alone gives a near-constant teacher
+    [cls] (target_std < 0.2); BatchNorm in the head + a BN predictor + a run-length EMA keep it > 0.3."""
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = Alice(tiny_cfg(3, **kw))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batch = tiny_batch(3, b=4)
+        spreads = []
+        for step in range(20):
+            model.train()
+            torch.manual_seed(step)
+            out = model(batch)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            model.update_target(step + 1, 20)
+            spreads.append(float(out["target_std"]))
+        return sum(spreads[-5:]) / 5
+
+    assert run() < 0.2
+    assert run(head_bn=True, predictor_hidden_dim=32, predictor_norm="bn", ema_reference_steps=200) > 0.3

@@ -6,10 +6,10 @@ from monai.networks.nets import SwinUNETR
 
 from alice3d.config import ConfigError
 from alice3d.core.masking import masking_from_mask, random_masking
-from alice3d.encoders.nnformer import NNFormer
-from alice3d.methods.alice import Alice, AliceConfig
 from alice3d.encoders.backbone import build_backbone
+from alice3d.encoders.nnformer import NNFormer
 from alice3d.encoders.tokens import NNFormerTokens, SwinTokens, ViTTokens
+from alice3d.methods.alice import Alice, AliceConfig
 from alice3d.methods.views import make_alice_views
 
 # Swin: unit 32^3, crop 64x64x32 -> unit grid (2, 2, 1); nnFormer: total stride (32, 32, 16) -> (2, 2, 2).

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from alice3d.bundle.inference_config import PreprocessingMismatchError, check_mirrors_finetune, inference_config
-from alice3d.bundle.metadata import (SCHEMA_PATH, BundleInfo, MetadataError, bundle_metadata, eval_metrics,
-                                     load_schema, validate_metadata)
+from alice3d.bundle.metadata import (
+    SCHEMA_PATH,
+    BundleInfo,
+    MetadataError,
+    bundle_metadata,
+    eval_metrics,
+    load_schema,
+    validate_metadata,
+)
 from alice3d.bundle.network import network_def
 from alice3d.finetune.config import EvalConfig
 from alice3d.finetune.tasks import resolve_task

@@ -1,10 +1,13 @@
 """ccMIM in 2D and 3D: attention scores, importance masking, losses, export."""
 
+import math
+
 import pytest
 import torch
 from monai.networks.nets import ViT
 
 from alice3d.config import ConfigError
+from alice3d.core.losses import info_nce
 from alice3d.core.masking import importance_masking
 from alice3d.encoders.vit import ViTEncoder
 from alice3d.methods.ccmim import CCMIM, CCMIMConfig, cls_attention_scores
@@ -44,7 +47,7 @@ def test_a_tiny_run_lowers_the_loss(nd, contrast):
 
     with torch.no_grad():
         first = loss()
-    assert set(first) == {"loss", "loss_rec", "loss_con", "masked_score_gap"}
+    assert set(first) == {"loss", "loss_rec", "loss_con", "masked_score_gap", "online_std", "target_std"}
     torch.testing.assert_close(first["loss"], first["loss_rec"] + 0.2 * first["loss_con"])
     for _ in range(15):
         opt.zero_grad()
@@ -125,3 +128,43 @@ def test_export_drops_the_cls_token_and_loads_into_monai_vit():
 def test_bad_contrast_is_rejected():
     with pytest.raises(ConfigError, match="contrast"):
         CCMIMConfig(encoder="vit_tiny", img_size=(16, 16), spatial_dims=2, patch_size=4, contrast="byol").validate()
+
+
+def test_eq7_denominator_holds_the_visible_visible_negatives_hand_values():
+    # q normalises to the identity, k too: positives e^(1/0.5), cross negatives e^0, one
+    # visible-visible negative e^0 per row -> -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2).
+    q = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
+    torch.testing.assert_close(info_nce(q, k, 0.5, self_negatives=True), torch.tensor(math.log1p(2 * math.exp(-2.0))))
+    # Identical visible CLS: row 0 has logits k [1, 0] and q_1 1 -> log((2e + 1) / e); row 1 has
+    # its positive at 0 against k_0 (1) and q_0 (1) -> log(2e + 1). Mean: log(2e + 1) - 1/2.
+    q_same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    k_eye = torch.eye(2)
+    torch.testing.assert_close(info_nce(q_same, k_eye, 1.0, self_negatives=True),
+                               torch.tensor(math.log(2 * math.e + 1) - 0.5))
+    # Without them only the cross terms count (the earlier form).
+    torch.testing.assert_close(info_nce(q_same, k_eye, 1.0), torch.tensor(math.log(math.e + 1) - 0.5))
+
+
+def test_ccmim_contrast_is_eq7_with_gradient_through_the_visible_negatives():
+    model, batch = tiny_ccmim(2, contrast_weight=1.0), tiny_batch(2)
+    model.eval()  # BatchNorm of the projector with fixed statistics, so the recomputation matches
+    x = batch["image"]
+    torch.manual_seed(5)
+    out = model(batch)
+    torch.manual_seed(5)
+    masking, _ = model.masking(x)
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(model.projector(model.encoder(x, ids_keep=masking.ids_keep)[:, 0]), dim=-1)
+        k = torch.nn.functional.normalize(model.projector(model.encoder(x, ids_keep=masking.ids_masked)[:, 0]), dim=-1)
+    t = model.cfg.temperature
+    expected = 0.0
+    for i in range(q.shape[0]):
+        den = sum(math.exp(float(q[i] @ k[j]) / t) for j in range(q.shape[0]))
+        den += sum(math.exp(float(q[i] @ q[j]) / t) for j in range(q.shape[0]) if j != i)
+        expected += -math.log(math.exp(float(q[i] @ k[i]) / t) / den) / q.shape[0]
+    torch.testing.assert_close(out["loss_con"], torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    assert 0 < float(out["online_std"]) and 0 < float(out["target_std"])
+    cross_only = tiny_ccmim(2, contrast_weight=1.0, visible_negatives=False).eval()
+    torch.manual_seed(5)
+    assert float(cross_only(batch)["loss_con"]) < float(out["loss_con"])  # fewer terms in the denominator

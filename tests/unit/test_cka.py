@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from alice3d.analysis.cka import linear_cka, occlusion_invariance, plot_cka, read_cka_csv, write_cka_csv
-from alice3d.viz.png import read_png
 from alice3d.encoders.resnet import build_resnet
 from alice3d.encoders.vit import ViTEncoder
+from alice3d.viz.png import read_png
 
 
 @pytest.fixture(autouse=True)

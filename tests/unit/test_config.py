@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from alice3d.config import (
-    ConfigError, DataConfig, TrainConfig, load_config, parse_override, save_config, section, to_dict, valid_keys,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+    save_config,
+    section,
+    to_dict,
+    valid_keys,
 )
 
 

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine, normalize_patches
 
-
 # ---- masked_mse ---------------------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from alice3d.viz.png import read_png
 from alice3d.cli.data import main
+from alice3d.viz.png import read_png
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from alice3d.finetune.metrics import (aggregate, case_metrics, dice_per_class, nsd_per_class, results_markdown,
-                                      roc_auc)
+from alice3d.finetune.metrics import aggregate, case_metrics, dice_per_class, nsd_per_class, results_markdown, roc_auc
 
 
 def _cube(shape, lo, hi, value=1):

@@ -12,8 +12,18 @@ import torch
 from alice3d.config import ConfigError, load_config
 from alice3d.data.io import DataError
 from alice3d.finetune.config import AugConfig, FinetuneConfig, FinetuneDataConfig
-from alice3d.finetune.data import (Case, TrainSamples, case_store, folder_lists, labeled_subset, load_lists,
-                                   make_splits, prepare_case, read_datalist, validation_count)
+from alice3d.finetune.data import (
+    Case,
+    TrainSamples,
+    case_store,
+    folder_lists,
+    labeled_subset,
+    load_lists,
+    make_splits,
+    prepare_case,
+    read_datalist,
+    validation_count,
+)
 from alice3d.finetune.tasks import BTCV_LABELS, FLARE22_LABELS, TaskSpec, resolve_task
 from alice3d.finetune.transforms import inference_transforms
 

@@ -115,6 +115,7 @@ def test_full_preset_settings_build_valid_configs():
     import bench_data
     import bench_finetune
     import bench_pretrain
+
     from alice3d.methods.alice import AliceConfig
 
     p = gpu_check.FULL

@@ -1,6 +1,7 @@
 """Embedding cache: pickle-free file format, corruption detection, reuse, invalidation, size cap."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -8,12 +9,19 @@ import torch
 from scipy import ndimage
 
 from alice3d.data.io import Volume
-from landmark.config import ModelConfig
-import os
-
 from landmark import embed_cache
-from landmark.embed_cache import (CacheError, MAGIC, cache_max_bytes, clear_cache, default_cache_dir, evict_lru,
-                                  read_entry, read_header, write_entry)
+from landmark.config import ModelConfig
+from landmark.embed_cache import (
+    MAGIC,
+    CacheError,
+    cache_max_bytes,
+    clear_cache,
+    default_cache_dir,
+    evict_lru,
+    read_entry,
+    read_header,
+    write_entry,
+)
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
 

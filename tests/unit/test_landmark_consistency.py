@@ -133,8 +133,8 @@ def test_points_mapped_outside_b_get_the_argmax_inside_b(net, volume, tmp_path, 
 
 
 def test_consistency_settings_are_checked_where_they_are_configured(net):
-    from alice3d.pretrain.config import PretrainConfig
     from alice3d.config import ConfigError, load_config
+    from alice3d.pretrain.config import PretrainConfig
     from landmark.config import LandmarkConfig
 
     assert load_config(LandmarkConfig, None, ["match.consistency=none"]).match.consistency == "none"

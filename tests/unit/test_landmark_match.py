@@ -8,7 +8,7 @@ from scipy import ndimage
 from alice3d.data.io import Volume, reorient_array
 from alice3d.train.checkpoint import CheckpointError, atomic_save
 from landmark.config import LandmarkConfig, ModelConfig
-from landmark.match import MatchError, Matcher, load_landmark_model, parse_points
+from landmark.match import Matcher, MatchError, load_landmark_model, parse_points
 from landmark.model import build_model, recalibrate_norms
 from landmark.search import cell_upsampling_stencil, interp_rows, ravel_index, upsample_sim
 from landmark.train import save_landmark_model

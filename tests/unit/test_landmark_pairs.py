@@ -8,10 +8,10 @@ import torch
 from scipy import ndimage
 
 from alice3d.data.io import Volume
+from alice3d.train.module import BatchDataset
 from landmark.config import ModelConfig
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
-from alice3d.train.module import BatchDataset
 from landmark.pairs import PairBatches, PairDataset, PairError, PairSampler, crop_at
 
 TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())

@@ -9,7 +9,7 @@ from alice3d.data.io import Volume
 from landmark import preprocess
 from landmark.cli import _attach_points, build_parser
 from landmark.config import ModelConfig
-from landmark.match import MatchError, Matcher, check_points_inside, read_points_file
+from landmark.match import Matcher, MatchError, check_points_inside, read_points_file
 from landmark.model import build_model
 
 WANT = [[-10.0, 150.0, 120.0], [-0.5, -2.0, 3e1]]

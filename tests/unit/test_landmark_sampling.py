@@ -9,7 +9,12 @@ from alice3d.train.module import BatchDataset
 from landmark.config import CropConfig
 from landmark.loss import grid_world
 from landmark.sampling import (
-    ViewPairDataset, crop_grid, gaussian_blur, make_train_volume, sample_crop, sample_view_pair,
+    ViewPairDataset,
+    crop_grid,
+    gaussian_blur,
+    make_train_volume,
+    sample_crop,
+    sample_view_pair,
 )
 
 AFF = np.array([[0.0, -2.0, 0, 40], [2.0, 0, 0, -40], [0, 0, 2.5, -30], [0, 0, 0, 1]])  # rotated axes

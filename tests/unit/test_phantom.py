@@ -7,13 +7,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from alice3d.data.phantom import cohort as phantom
 from alice3d.data.io import load_volume, reorient_array
+from alice3d.data.phantom import cohort as phantom
 from alice3d.data.phantom import (
-    correspond, default_cohort, generate_cohort, held_out_phantom, load_cohort_maps, render_case, resolve_size,
+    correspond,
+    default_cohort,
+    generate_cohort,
+    held_out_phantom,
+    load_cohort_maps,
+    render_case,
+    resolve_size,
     split_counts,
 )
-from alice3d.data.phantom.maps import SubjectMap, landmarks_in_subject, load_maps_file, min_monotonicity, sample_subject_map
+from alice3d.data.phantom.maps import (
+    SubjectMap,
+    landmarks_in_subject,
+    load_maps_file,
+    min_monotonicity,
+    sample_subject_map,
+)
 from alice3d.data.phantom.template import TISSUES, tissue_to_label
 
 FINE = dict(shape=(96, 72, 64), spacing=(4.0, 4.0, 5.0))  # coarse enough to be fast, fine enough for organs

@@ -13,9 +13,20 @@ from PIL import Image
 
 from alice3d.viz import png as png_mod
 from alice3d.viz.mosaic import mosaic
+from alice3d.viz.ortho import (
+    EDGE_LETTERS,
+    body_box,
+    label_colors,
+    label_comparison,
+    letter_gutters,
+    ortho_slices,
+    ortho_views,
+    save_preview,
+    save_volume_panels,
+    to_uint8,
+    volume_panels,
+)
 from alice3d.viz.png import read_png, write_png
-from alice3d.viz.ortho import (EDGE_LETTERS, body_box, label_colors, label_comparison, letter_gutters, ortho_slices,
-                                ortho_views, save_preview, save_volume_panels, to_uint8, volume_panels)
 
 VIZ = Path(__file__).resolve().parents[2] / "alice3d" / "viz"
 

@@ -5,13 +5,7 @@ import math
 import pytest
 import torch
 
-from alice3d.methods.views import (
-    StrongAugConfig,
-    affine_warp,
-    make_alice_views,
-    random_affine,
-    strong_augment,
-)
+from alice3d.methods.views import StrongAugConfig, affine_warp, make_alice_views, random_affine, strong_augment
 
 IDENTITY = StrongAugConfig(rotate_deg=0.0, zoom=(1.0, 1.0), flip_prob=0.0, intensity_scale=0.0, intensity_shift=0.0)
 SHAPES = [(2, 1, 12, 10, 8), (3, 2, 12, 10)]
@@ -170,3 +164,71 @@ def test_seeded_views_need_one_seed_per_pair():
     x = torch.rand(2, 1, 8, 8)
     with pytest.raises(ValueError, match="1 seeds for a batch of 2"):
         make_seeded_alice_views(x, x, [5], num_tokens=4, mask_ratio=0.5)
+
+
+# ---- online (masked-view) augmentation: random resized crop + flips ------------------------
+
+from alice3d.methods.views import OnlineAugConfig, make_seeded_alice_views, random_resized_crop  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_box_without_flips_is_the_input(shape):
+    x = torch.rand(shape)
+    out = random_resized_crop(x, OnlineAugConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0))
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    flipped = random_resized_crop(x, OnlineAugConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=1.0))
+    torch.testing.assert_close(flipped, x.flip(list(range(2, x.ndim))), rtol=0, atol=0)
+
+
+def test_a_quarter_area_box_is_an_8x8_window_resized_to_16x16():
+    # A ramp along axis 0: a box of side 0.5 * 16 = 8 holds 8 consecutive values v0 .. v0 + 7;
+    # linear resizing (align_corners=False) keeps the end values, so the output spans exactly 7,
+    # stays constant along axis 1, and v0 is a whole number in [0, 8].
+    ramp = torch.arange(16.0).view(1, 1, 16, 1).expand(4, 1, 16, 16).contiguous()
+    out = random_resized_crop(ramp, OnlineAugConfig(scale=(0.25, 0.25), ratio=(1.0, 1.0), flip_prob=0.0),
+                              torch.Generator().manual_seed(0))
+    assert out.shape == ramp.shape
+    for img in out[:, 0]:
+        torch.testing.assert_close(img.amax() - img.amin(), torch.tensor(7.0))
+        torch.testing.assert_close(img, img[:, :1].expand(16, 16))
+        v0 = float(img.amin())
+        assert v0 == int(v0) and 0 <= v0 <= 8
+        assert (img[1:, 0] >= img[:-1, 0]).all()  # no flip: still increasing
+
+
+def test_box_volume_follows_the_scale_in_3d():
+    # Ramps of slope 1 along each axis: the value range per axis is the box side - 1.
+    size = (16, 16, 8)
+    frac = 0.5
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = size[axis]
+        ramp = torch.arange(float(size[axis])).view(1, 1, *shape).expand(1, 1, *size).contiguous()
+        out = random_resized_crop(ramp, OnlineAugConfig(scale=(frac, frac), ratio=(1.0, 1.0), flip_prob=0.0),
+                                  torch.Generator().manual_seed(3))
+        side = round(frac ** (1 / 3) * size[axis])
+        torch.testing.assert_close(out.amax() - out.amin(), torch.tensor(float(side - 1)))
+
+
+def test_online_augmentation_leaves_the_target_views_alone():
+    q, k = torch.rand(2, 1, 16, 16, 8), torch.rand(2, 1, 16, 16, 8)
+    plain = make_alice_views(q, k, 16, 0.75, generator=torch.Generator().manual_seed(1))
+    aug = make_alice_views(q, k, 16, 0.75, generator=torch.Generator().manual_seed(1), online_aug=OnlineAugConfig())
+    torch.testing.assert_close(aug.augmented, plain.augmented, rtol=0, atol=0)
+    assert torch.equal(aug.masking.mask, plain.masking.mask)
+    assert not torch.allclose(aug.images, plain.images)
+    off = make_alice_views(q, k, 16, 0.75, generator=torch.Generator().manual_seed(1),
+                           online_aug=OnlineAugConfig(enabled=False))
+    torch.testing.assert_close(off.images, torch.cat([q, k]), rtol=0, atol=0)
+    # Seeded per pair: the online views are reproducible from the pair's seed, too.
+    a = make_seeded_alice_views(q, k, [4, 5], 16, 0.75, online_aug=OnlineAugConfig())
+    b = make_seeded_alice_views(q[1:], k[1:], [5], 16, 0.75, online_aug=OnlineAugConfig())
+    torch.testing.assert_close(a.images[1], b.images[0])
+    torch.testing.assert_close(a.images[3], b.images[1])
+
+
+def test_online_aug_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="online_aug.scale"):
+        OnlineAugConfig(scale=(0.5, 1.2)).validate()
+    with pytest.raises(ValueError, match="online_aug.ratio"):
+        OnlineAugConfig(ratio=(1.2, 1.5)).validate()

@@ -335,7 +335,7 @@ class _Slab:
 def _paint_slab(tmpl: Template, z0: int, z1: int) -> None:
     """Body wall, muscles, spine, ribs, pelvis, lungs, heart and the big z-running vessels."""
     sl = _Slab(tmpl, z0, z1)
-    out, x, y, z, inside, depth = sl.out, sl.x, sl.y, sl.z, sl.inside, sl.depth
+    out, z, inside, depth = sl.out, sl.z, sl.inside, sl.depth
     out[inside] = T["visceral_fat"]
     out[inside & (depth < sl.fat_t + sl.musc_t)] = T["muscle"]
     out[inside & (depth < sl.fat_t)] = T["subcutaneous_fat"]
