@@ -7,7 +7,8 @@ import torch
 from monai.networks.nets import UNETR
 
 from alice3d.config import ConfigError
-from alice3d.core.ema import cosine_momentum
+from alice3d.core.diagnostics import feature_spread
+from alice3d.core.ema import cosine_momentum, scaled_momentum_base
 from alice3d.core.losses import negative_cosine
 from alice3d.methods.alice import Alice, AliceConfig
 from alice3d.methods.views import make_alice_views
@@ -44,6 +45,14 @@ def tiny_batch(nd=3, b=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     size = SIZES[nd][0]
     return {"q": torch.rand(b, 1, *size, generator=g), "k": torch.rand(b, 1, *size, generator=g)}
+
+
+@torch.no_grad()
+def heads_by_hand(model, views):
+    """Encoded visible tokens, student head on the decoded masked views, teacher head on the intact views."""
+    v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
+    h = model.online["head"](model.dec_proj(model.decoder(v, views.masking.ids_restore)[0]))
+    return v, h, model.target["head"](model.target["encoder"](views.augmented))
 
 
 def trainable(model):
@@ -123,10 +132,7 @@ def test_inter_pairs_masked_query_with_intact_key_and_intra_stays_in_volume():
 
     # Independent recomputation of the branch outputs.
     with torch.no_grad():
-        v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
-        feats, _ = model.decoder(v, views.masking.ids_restore)
-        h = model.online["head"](model.dec_proj(feats))
-        y = model.target["head"](model.target["encoder"](views.augmented))
+        v, h, y = heads_by_hand(model, views)
         cls_s, cls_t = h.mean(1), y.mean(1)
         s_casa, t_casa = model.casa(v, h), model.casa(v, y)
 
@@ -202,10 +208,7 @@ def test_without_casa_compares_token_features_position_by_position():
     views = make_alice_views(batch["q"], batch["k"], model.encoder.num_tokens, 0.75,
                              model.cfg.aug, torch.Generator().manual_seed(0))
     out = model.forward_views(views)
-    with torch.no_grad():
-        v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
-        h = model.online["head"](model.dec_proj(model.decoder(v, views.masking.ids_restore)[0]))
-        y = model.target["head"](model.target["encoder"](views.augmented))
+    v, h, y = heads_by_hand(model, views)
     torch.testing.assert_close(out["loss_intra"], negative_cosine(h[:b], y[:b]) + negative_cosine(h[b:], y[b:]))
 
 
@@ -231,9 +234,7 @@ def test_optional_predictor_on_the_student_side():
                              model.cfg.aug, torch.Generator().manual_seed(0))
     out = model.forward_views(views)
     with torch.no_grad():
-        v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
-        h = model.online["head"](model.dec_proj(model.decoder(v, views.masking.ids_restore)[0]))
-        y = model.target["head"](model.target["encoder"](views.augmented))
+        v, h, y = heads_by_hand(model, views)
         p = model.predictors["inter"](h.mean(1))
         cls_t = y.mean(1)
     torch.testing.assert_close(out["loss_inter"], negative_cosine(p[:b], cls_t[b:]) + negative_cosine(p[b:], cls_t[:b]))
@@ -329,8 +330,6 @@ def test_config_works_with_yaml_style_overrides():
 
 # ---- collapse diagnostics and the anti-collapse options ------------------------------------
 
-from alice3d.core.diagnostics import feature_spread  # noqa: E402
-from alice3d.core.ema import scaled_momentum_base  # noqa: E402
 
 
 def test_spread_metrics_are_those_of_the_cls_projections():
@@ -339,10 +338,7 @@ def test_spread_metrics_are_those_of_the_cls_projections():
     views = make_alice_views(batch["q"], batch["k"], model.encoder.num_tokens, 0.75,
                              model.cfg.aug, torch.Generator().manual_seed(0))
     out = model.forward_views(views)
-    with torch.no_grad():
-        v = model.encoder(views.images, ids_keep=views.masking.ids_keep)
-        h = model.online["head"](model.dec_proj(model.decoder(v, views.masking.ids_restore)[0]))
-        y = model.target["head"](model.target["encoder"](views.augmented))
+    v, h, y = heads_by_hand(model, views)
     torch.testing.assert_close(out["online_std"], feature_spread(h.mean(1)))
     torch.testing.assert_close(out["target_std"], feature_spread(y.mean(1)))
     assert "teacher_cls_std" not in out  # replaced by target_std (the same quantity)
