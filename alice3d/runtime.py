@@ -1,4 +1,4 @@
-"""Progress reporting every layer may use (the process rank itself lives in `alice3d.core.dist`).
+"""Progress reporting and worker-process set-up every layer may use (the rank lives in `alice3d.core.dist`).
 
 Bottom layer: imports only the standard library, tqdm and `alice3d.core.dist`.
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
@@ -188,3 +190,25 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     return Progress(total, desc, iterable=iterable, **kwargs)
+
+
+THREAD_ENV_KEYS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLOSC_NTHREADS")
+
+
+@contextmanager
+def single_threaded_children() -> Iterator[None]:
+    """Within the block, processes spawned now start with one BLAS/OpenMP/blosc thread each.
+
+    A pool of N workers that each use every core would oversubscribe the machine N-fold; the
+    environment is what spawned children inherit, so it is set here and restored afterwards.
+    """
+    saved = {k: os.environ.get(k) for k in THREAD_ENV_KEYS}
+    os.environ.update({k: "1" for k in THREAD_ENV_KEYS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -48,7 +48,7 @@ from alice3d.data.store import (
     verify_case,
     write_json_atomic,
 )
-from alice3d.runtime import Progress
+from alice3d.runtime import Progress, single_threaded_children
 
 log = logging.getLogger("alice3d.data")
 
@@ -344,20 +344,10 @@ def _run(jobs: list[tuple], workers: int):
         for job in jobs:
             yield _job(job)
         return
-    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLOSC_NTHREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})  # spawned workers inherit: one thread each, no oversubscription
-    try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futures = [ex.submit(_job, job) for job in jobs]
-            for fut in as_completed(futures):
-                yield fut.result()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with single_threaded_children(), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        futures = [ex.submit(_job, job) for job in jobs]
+        for fut in as_completed(futures):
+            yield fut.result()
 
 
 # ----------------------------------------------------------------------------- automatic stores

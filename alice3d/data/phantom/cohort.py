@@ -20,13 +20,12 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from alice3d.runtime import Progress
+from alice3d.runtime import Progress, single_threaded_children
 
 from ...viz.ortho import save_preview
 from ..datalists import write_btcv_datalist
@@ -177,22 +176,6 @@ def _write_case(job: dict) -> dict:
     return {"index": job["index"], "case": job["case"], "map": m.to_dict()}
 
 
-@contextmanager
-def _single_threaded_children():
-    """Spawned workers inherit these: one BLAS/OpenMP thread each, no oversubscription."""
-    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -208,7 +191,7 @@ def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
                 results.append(_write_case(job))
                 bar.update(1)
         else:
-            with _single_threaded_children(), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+            with single_threaded_children(), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
                 futures = [ex.submit(_write_case, job) for job in jobs]
                 for fut in as_completed(futures):
                     results.append(fut.result())
