@@ -1,4 +1,5 @@
-"""Progress reporting and worker-process set-up every layer may use (the rank lives in `alice3d.core.dist`).
+"""Progress reporting, worker-process set-up and atomic file writes every layer may use (the rank lives in
+`alice3d.core.dist`).
 
 Bottom layer: imports only the standard library, tqdm and `alice3d.core.dist`.
 
@@ -17,9 +18,11 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, TextIO
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, TextIO
 
 from tqdm import tqdm
 
@@ -212,3 +215,31 @@ def single_threaded_children() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
+                 file_mode: int | None = None) -> Iterator[IO]:
+    """Write `path` through a temporary sibling that is renamed over it when the block succeeds.
+
+    Readers see the old file or the new one, never half of one; on any error (a full disk, a
+    kill signal raised as an exception) the temporary file is removed and `path` is untouched.
+    fsync: flush the data to disk before the rename (checkpoints). file_mode: chmod before the
+    rename (mkstemp creates files private to the user).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise

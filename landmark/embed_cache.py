@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from alice3d.data.digest import hash_arrays  # noqa: F401 - re-exported: cache keys of every layer
 from alice3d.errors import Alice3DError
+from alice3d.runtime import atomic_write
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -77,24 +77,15 @@ def write_entry(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     start = len(MAGIC) + 8 + len(header)
     pad = (-start) % ALIGN
     header += b" " * pad
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC)
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            base = f.tell()
-            for off, a in blobs:
-                f.seek(base + off)
-                f.write(memoryview(a).cast("B"))
-            f.truncate(base + offset)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        base = f.tell()
+        for off, a in blobs:
+            f.seek(base + off)
+            f.write(memoryview(a).cast("B"))
+        f.truncate(base + offset)
     return path
 
 

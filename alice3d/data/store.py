@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import zarr
 from alice3d.data.sources import crop_slices
 from alice3d.data.volumes import normalize_hu
 from alice3d.errors import DataError
+from alice3d.runtime import atomic_write
 
 log = logging.getLogger("alice3d.data")
 
@@ -110,20 +110,9 @@ def read_json(path: Path, what: str) -> dict:
 
 def write_json_atomic(path: Path, doc: dict, compact: bool = False) -> None:
     """Write to a temporary sibling, then rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, allow_nan=False, **({"separators": (",", ":")} if compact else {"indent": 1}))
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w", file_mode=0o644) as f:
+        json.dump(doc, f, allow_nan=False, **({"separators": (",", ":")} if compact else {"indent": 1}))
+        f.write("\n")
 
 
 def read_settings(root: Path) -> StoreSettings:

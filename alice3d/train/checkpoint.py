@@ -12,13 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from alice3d.errors import Alice3DError
+from alice3d.runtime import atomic_write
 
 
 class CheckpointError(Alice3DError, RuntimeError):
@@ -45,24 +45,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     ``path`` before, and raises :class:`CheckpointError` saying so.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, fsync=True) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-            kept = "the previous file is intact" if path.exists() else "no earlier file existed"
-            raise CheckpointError(f"could not save {path}: {reason}; {kept}") from e
-        raise
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+        kept = "the previous file is intact" if path.exists() else "no earlier file existed"
+        raise CheckpointError(f"could not save {path}: {reason}; {kept}") from e
     _fsync_dir(path.parent)
     return path
 

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from alice3d.runtime import Progress, single_threaded_children
+from alice3d.runtime import Progress, atomic_write, single_threaded_children
 
 from ...viz.ortho import save_preview
 from ..datalists import write_btcv_datalist
@@ -102,12 +102,8 @@ def get_template(res: float) -> Template:
     if tissue is None:
         tissue = build_template(res).tissue
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.part")
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_write(path, file_mode=0o666 & ~_umask()) as fh:
                 np.save(fh, tissue)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
         except OSError:
             pass  # read-only cache: keep the in-memory template only
     tmpl = Template(tissue=tissue, origin=EXTENT_LO.copy(), res=res)
