@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alice3d.config import ConfigError, check_ratio
+from alice3d.config import ConfigError, check_choice, check_ratio
 from alice3d.core.diagnostics import feature_spread
 from alice3d.core.ema import cosine_momentum, ema_update, make_target, scaled_momentum_base
 from alice3d.core.heads import PredictorMLP, ProjectionHead
@@ -124,8 +124,7 @@ class AliceConfig(BackboneConfig):
         self.validate_backbone(prefix, needs={"visible"}, method="Alice")
         check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
         check_decoder(self, prefix)
-        if self.similarity not in SIMILARITIES:
-            raise ConfigError(f"{prefix}.similarity: expected one of {list(SIMILARITIES)}, got {self.similarity!r}")
+        check_choice(f"{prefix}.similarity", self.similarity, SIMILARITIES)
         weights = {"w_rec": self.w_rec, "w_inter": self.w_inter, "w_intra": self.w_intra}
         for name, w in weights.items():
             if w < 0 or not math.isfinite(w):
@@ -143,10 +142,8 @@ class AliceConfig(BackboneConfig):
                 f"{prefix}.ema_reference_steps / align_warmup_steps: expected >= 0 (0 = off), got "
                 f"{self.ema_reference_steps} / {self.align_warmup_steps}"
             )
-        if self.predictor_norm not in ("ln", "bn"):
-            raise ConfigError(f"{prefix}.predictor_norm: expected 'ln' or 'bn', got {self.predictor_norm!r}")
-        if self.casa_target not in CASA_TARGETS:
-            raise ConfigError(f"{prefix}.casa_target: expected one of {list(CASA_TARGETS)}, got {self.casa_target!r}")
+        check_choice(f"{prefix}.predictor_norm", self.predictor_norm, ["ln", "bn"])
+        check_choice(f"{prefix}.casa_target", self.casa_target, CASA_TARGETS)
         if self.predictor_hidden_dim < 0:
             raise ConfigError(f"{prefix}.predictor_hidden_dim: expected >= 0 (0 = none), got {self.predictor_hidden_dim}")
         if self.head_out_dim % self.casa_heads:

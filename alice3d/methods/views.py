@@ -161,14 +161,16 @@ def random_resized_crop(
     where = _uniform((b, nd), 0.0, 1.0, x.device, generator)
     flips = _uniform((b, nd), 0.0, 1.0, x.device, generator) < cfg.flip_prob
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
+    # Box geometry is host-side integer work: one transfer, not one device sync per number.
+    sides, where, flips = sides.tolist(), where.tolist(), flips.tolist()
     out = []
     for i in range(b):
-        box = [max(1, min(n, round(float(sides[i, d]) * n))) for d, n in enumerate(size)]
-        start = [int(float(where[i, d]) * (n - w + 1)) for d, (n, w) in enumerate(zip(size, box))]
+        box = [max(1, min(n, round(sides[i][d] * n))) for d, n in enumerate(size)]
+        start = [int(where[i][d] * (n - w + 1)) for d, (n, w) in enumerate(zip(size, box))]
         crop = x[(slice(i, i + 1), slice(None), *(slice(s0, s0 + w) for s0, w in zip(start, box)))]
         if tuple(box) != tuple(size):
             crop = F.interpolate(crop.float(), size=tuple(size), mode=mode, align_corners=False).to(x.dtype)
-        axes = [2 + d for d in range(nd) if bool(flips[i, d])]
+        axes = [2 + d for d in range(nd) if flips[i][d]]
         out.append(crop.flip(axes) if axes else crop)
     return torch.cat(out)
 
