@@ -81,13 +81,23 @@ class OptimConfig:
     nesterov: bool = True  # sgd only
     schedule: str = "cosine"  # cosine (warmup + cosine) | poly (warmup + (1 - t)**power)
     poly_power: float = 0.9
+    # Learning rate of the pretrained encoder relative to train.lr. Adam moves every weight by
+    # ~lr per step whatever its gradient, so at a from-scratch lr a few hundred steps overwrite
+    # a pretrained encoder (scripts/experiments/fewlabel_transfer.py measures it).
+    encoder_lr_scale: float = 1.0
+    layer_decay: float = 1.0  # ViT encoders: block i of L gets encoder_lr_scale * layer_decay**(L - i) (MAE/BEiT)
 
 
 @dataclass
 class AugConfig:
     """Random augmentation of training crops (MONAI BTCV recipe by default)."""
 
-    pos: float = 1.0  # RandCropByPosNegLabeld weights
+    # Crop centres. posneg: MONAI RandCropByPosNegLabeld, a foreground voxel with weight pos, a
+    # background one with weight neg (the large organs dominate the foreground). classes:
+    # RandCropByLabelClassesd, first a class (background weight neg, each organ weight pos),
+    # then a voxel of it, so small organs are seen as often as the liver.
+    crop: str = "posneg"
+    pos: float = 1.0
     neg: float = 1.0
     flip_prob: float = 0.1  # per axis
     rot90_prob: float = 0.1  # in-plane, only when the ROI is square in-plane
@@ -127,8 +137,13 @@ class FinetuneConfig:
         check_choice("optim.schedule", self.optim.schedule, ("cosine", "poly"))
         check_choice("eval.sw_mode", self.eval.sw_mode, ("constant", "gaussian"))
         check_choice("model.init", self.model.init, ("pretrained", "random"))
+        check_choice("aug.crop", self.aug.crop, ("posneg", "classes"))
         if self.model.name:
             check_choice("model.name", self.model.name, MODELS + CLASSIFIER_ENCODERS)
+        if not 0.0 <= self.optim.encoder_lr_scale:
+            raise ConfigError(f"optim.encoder_lr_scale: expected a value >= 0, got {self.optim.encoder_lr_scale}")
+        if not 0.0 < self.optim.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay: expected a value in (0, 1], got {self.optim.layer_decay}")
         if not 0.0 < self.data.label_fraction <= 1.0:
             raise ConfigError(f"data.label_fraction: expected a value in (0, 1], got {self.data.label_fraction}")
         if self.data.kfold == 1 or self.data.kfold < 0:

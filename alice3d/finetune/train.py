@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from alice3d.config import save_config
+from alice3d.config import ConfigError, save_config
 from alice3d.core.dist import is_main_process
 from alice3d.core.schedules import cosine_warmup_factor
 from alice3d.encoders.files import load_encoder
@@ -30,7 +31,7 @@ from alice3d.finetune.evaluate import (
     write_results,
 )
 from alice3d.finetune.metrics import aggregate, roc_auc
-from alice3d.finetune.models import build_network, count_parameters, network_spec
+from alice3d.finetune.models import build_network, count_parameters, encoder_module, network_spec
 from alice3d.finetune.objectives import ClassificationTask, SegmentationTask
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec, resolve_task
 from alice3d.finetune.transfer import TransferReport, transfer_encoder
@@ -118,13 +119,50 @@ def poly_warmup_factor(step: int, warmup: int, total: int, power: float) -> floa
     return (1.0 - t) ** power
 
 
+def encoder_lr_scale(cfg: FinetuneConfig, model: torch.nn.Module) -> Callable[[str], float] | None:
+    """Parameter name -> factor of ``train.lr`` for ``optim.encoder_lr_scale`` / ``optim.layer_decay``
+    (None when both are 1). Decoder and head parameters keep factor 1. With layer decay a ViT of
+    L blocks has patch embedding at depth 0, block i at i + 1 and its final norm at L + 1:
+    factor ``encoder_lr_scale * layer_decay ** (L + 1 - depth)``."""
+    o = cfg.optim
+    if o.encoder_lr_scale == 1.0 and o.layer_decay == 1.0:
+        return None
+    network = getattr(model, "network", None)
+    spec = getattr(model, "spec", None)
+    if network is None or spec is None:
+        raise ConfigError("optim.encoder_lr_scale/optim.layer_decay: this model has no encoder to scale")
+    encoder, where = encoder_module(network, spec)
+    prefix = next(n for n, m in model.named_modules() if m is encoder) + "."
+    blocks = getattr(encoder, "blocks", None)
+    if o.layer_decay != 1.0 and not isinstance(blocks, torch.nn.ModuleList):
+        raise ConfigError(f"optim.layer_decay: applies to ViT encoders (blocks.<i>), {where} has none; "
+                          "use optim.encoder_lr_scale alone")
+    depth = len(blocks) if isinstance(blocks, torch.nn.ModuleList) else 0
+
+    def scale(name: str) -> float:
+        if not name.startswith(prefix):
+            return 1.0
+        rel = name[len(prefix):]
+        block = re.match(r"blocks\.(\d+)\.", rel)
+        if block:
+            layer = int(block.group(1)) + 1
+        elif rel.startswith(("patch_embed", "cls_token", "pos_embed")):
+            layer = 0
+        else:
+            layer = depth + 1
+        return o.encoder_lr_scale * o.layer_decay ** (depth + 1 - layer)
+
+    return scale
+
+
 def build_optimization(cfg: FinetuneConfig, model: torch.nn.Module):
     """``(optimizer, scheduler)``, or ``(None, None)`` for the trainer's AdamW + warmup-cosine."""
     o, t = cfg.optim, cfg.train
-    if t.optimizer == "adamw" and o.schedule == "cosine":
+    lr_scale = encoder_lr_scale(cfg, model)
+    if t.optimizer == "adamw" and o.schedule == "cosine" and lr_scale is None:
         return None, None
 
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, lr=t.lr, lr_scale=lr_scale)
     if t.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=o.nesterov and t.momentum > 0)
     else:

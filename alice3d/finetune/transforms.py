@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 from monai import transforms as mt
-from monai.transforms.utils import map_binary_to_indices
+from monai.transforms.utils import map_binary_to_indices, map_classes_to_indices
 
 from alice3d.finetune.config import AugConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
@@ -68,23 +68,26 @@ def postprocess_transforms(task: TaskSpec, preprocessing: mt.Compose) -> mt.Comp
 
 
 FG_KEY, BG_KEY = "label_fg", "label_bg"  # precomputed crop-centre candidates (see training_view)
+CLASS_KEY = "label_classes"
 
 
 def training_view(image, label, task: TaskSpec, max_indices: int = 200_000, seed: int = 0) -> dict:
     """A preprocessed case made ready for repeated random crops: zero-padded to at least the
-    ROI (as MONAI's cropping needs), plus flat indices of foreground voxels (label > 0) and
-    of background voxels inside the body (image > 0), each uniformly subsampled to at most
-    ``max_indices`` so that every crop does not rescan the whole volume."""
+    ROI (as MONAI's cropping needs), plus flat indices of foreground voxels (label > 0), of
+    background voxels inside the body (image > 0) and of each class (background = the body's
+    background voxels), each uniformly subsampled to at most ``max_indices`` so that every crop
+    does not rescan the whole volume."""
     d = mt.SpatialPadd(keys=["image", "label"], spatial_size=tuple(task.roi), mode="constant")(
         {"image": image, "label": label})
     fg, bg = map_binary_to_indices(d["label"] > 0, d["image"], image_threshold=0.0)
+    organs = map_classes_to_indices(d["label"], task.num_classes)[1:]
     rng = np.random.default_rng(seed)
     keep = []
-    for idx in (np.asarray(fg), np.asarray(bg)):
+    for idx in (np.asarray(fg), np.asarray(bg), *map(np.asarray, organs)):
         if len(idx) > max_indices:
             idx = np.sort(rng.choice(idx, size=max_indices, replace=False))
         keep.append(idx.astype(np.int64))
-    return {"image": d["image"], "label": d["label"], FG_KEY: keep[0], BG_KEY: keep[1]}
+    return {"image": d["image"], "label": d["label"], FG_KEY: keep[0], BG_KEY: keep[1], CLASS_KEY: keep[1:]}
 
 
 def train_random_transforms(task: TaskSpec, aug: AugConfig) -> mt.Compose:
@@ -97,11 +100,17 @@ def train_random_transforms(task: TaskSpec, aug: AugConfig) -> mt.Compose:
             steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=aug.shift_intensity, prob=aug.shift_prob))
         return mt.Compose(steps)
     keys = ["image", "label"]
-    steps = [
-        mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=aug.pos, neg=aug.neg,
-                                  num_samples=1, image_key="image", image_threshold=0.0, allow_smaller=False,
-                                  fg_indices_key=FG_KEY, bg_indices_key=BG_KEY),
-    ]
+    if aug.crop == "classes":
+        # A class absent from a case gets ratio 0 for it (MONAI warns once per class).
+        ratios = [aug.neg] + [aug.pos] * (task.num_classes - 1)
+        crop = mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, ratios=ratios,
+                                          num_classes=task.num_classes, num_samples=1, indices_key=CLASS_KEY,
+                                          allow_smaller=False)
+    else:
+        crop = mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=aug.pos, neg=aug.neg,
+                                         num_samples=1, image_key="image", image_threshold=0.0, allow_smaller=False,
+                                         fg_indices_key=FG_KEY, bg_indices_key=BG_KEY)
+    steps = [crop]
     if aug.scale_prob > 0:
         steps.append(mt.RandZoomd(keys=keys, prob=aug.scale_prob, min_zoom=1.0 - aug.scale_range,
                                   max_zoom=1.0 + aug.scale_range, mode=["trilinear", "nearest"], keep_size=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -12,20 +14,30 @@ from alice3d.core.schedules import cosine_warmup_factor
 _NO_DECAY_HINTS = ("position_embeddings", "pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on weight matrices/kernels, none on norms, biases and tokens."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """AdamW groups: decay on weight matrices/kernels, none on norms, biases and tokens.
+
+    With ``lr_scale`` (parameter name -> factor) parameters are further grouped by factor and
+    each group carries its own ``"lr"`` = ``lr * factor``; the full-rate group comes first, so
+    the trainer's logged ``lr`` stays the base rate.
+    """
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(h in name for h in _NO_DECAY_HINTS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decay = not (p.ndim <= 1 or any(h in name for h in _NO_DECAY_HINTS))
+        scale = 1.0 if lr_scale is None else float(lr_scale(name))
+        groups.setdefault((decay, scale), []).append(p)
+    out = []
+    for (decay, scale), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], not kv[0][0])):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if lr_scale is not None:
+            if lr is None:
+                raise ValueError("param_groups: lr_scale needs the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

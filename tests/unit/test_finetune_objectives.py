@@ -110,3 +110,76 @@ def test_channels_last_changes_speed_not_results():
         got = obj.logits(x)
     assert obj.network.vit.patch_embedding.patch_embeddings.weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(got, ref, atol=1e-4)
+
+
+def _small_unetr() -> SegmentationTask:
+    task = resolve_task("btcv", roi=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    spec = network_spec(ModelConfig(name="unetr", hidden_size=48, mlp_dim=96, num_heads=4), task)
+    return SegmentationTask(build_network(spec), spec, task)
+
+
+def test_encoder_lr_scale_and_layer_decay_by_hand():
+    obj = _small_unetr()
+    cfg = FinetuneConfig()
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps = 1e-3, 0, 10
+    cfg.optim.encoder_lr_scale, cfg.optim.layer_decay = 0.5, 0.8
+    opt, _ = build_optimization(cfg, obj)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(obj.named_parameters())
+    # 12 blocks: patch embedding depth 0, block i depth i + 1, final norm depth 13 = full encoder scale.
+    expected = {
+        "network.vit.patch_embedding.patch_embeddings.weight": 1e-3 * 0.5 * 0.8**13,
+        "network.vit.patch_embedding.position_embeddings": 1e-3 * 0.5 * 0.8**13,
+        "network.vit.blocks.0.attn.qkv.weight": 1e-3 * 0.5 * 0.8**12,
+        "network.vit.blocks.11.mlp.linear1.weight": 1e-3 * 0.5 * 0.8,
+        "network.vit.norm.weight": 1e-3 * 0.5,
+        "network.encoder2.blocks.1.0.conv.weight": 1e-3,  # decoder side: full rate
+        "network.out.conv.conv.weight": 1e-3,
+    }
+    for name, lr in expected.items():
+        assert lr_of[id(params[name])] == pytest.approx(lr), name
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # the logged rate is the base rate
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    # Weight decay still skips norms, biases and position embeddings inside scaled groups.
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd_of[id(params["network.vit.patch_embedding.position_embeddings"])] == 0.0
+    assert wd_of[id(params["network.vit.blocks.3.norm1.weight"])] == 0.0
+    assert wd_of[id(params["network.vit.blocks.3.attn.qkv.weight"])] == cfg.train.weight_decay
+
+
+def test_zero_encoder_lr_freezes_the_encoder_only():
+    obj = _small_unetr()
+    cfg = FinetuneConfig()
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps = 1e-2, 0, 10
+    cfg.optim.encoder_lr_scale = 0.0
+    opt, sched = build_optimization(cfg, obj)
+    before = {n: p.detach().clone() for n, p in obj.named_parameters()}
+    x, y = torch.rand(1, 1, 32, 32, 16), torch.randint(0, 14, (1, 1, 32, 32, 16)).float()
+    for _ in range(2):
+        opt.zero_grad()
+        obj.loss(obj.network(x), y)["loss"].backward()
+        opt.step()
+        sched.step()
+    moved = {n for n, p in obj.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(not n.startswith("network.vit.") for n in moved)
+    assert "network.out.conv.conv.weight" in moved
+
+
+def test_layer_decay_needs_a_vit_and_valid_values():
+    cfg = FinetuneConfig()
+    cfg.optim.layer_decay = 1.5
+    with pytest.raises(ConfigError, match="optim.layer_decay"):
+        cfg.validate()
+    cfg.optim.layer_decay, cfg.optim.encoder_lr_scale = 1.0, -0.1
+    with pytest.raises(ConfigError, match="optim.encoder_lr_scale"):
+        cfg.validate()
+    task = resolve_task("btcv", roi=(64, 64, 64), spacing=(8.0, 8.0, 8.0))
+    spec = network_spec(ModelConfig(name="swin_unetr", feature_size=12), task)
+    swin = SegmentationTask(build_network(spec), spec, task)
+    cfg = FinetuneConfig()
+    cfg.optim.layer_decay = 0.75
+    with pytest.raises(ConfigError, match=r"optim.layer_decay: applies to ViT encoders.*SwinUNETR.swinViT"):
+        build_optimization(cfg, swin)
+    cfg.optim.layer_decay, cfg.optim.encoder_lr_scale = 1.0, 0.1
+    opt, _ = build_optimization(cfg, swin)
+    assert sorted({g["initial_lr"] for g in opt.param_groups}) == pytest.approx([0.1 * cfg.train.lr, cfg.train.lr])

@@ -243,3 +243,33 @@ def test_recipe_configs_load_and_fit_their_networks():
     nnf = load_config(FinetuneConfig, root / "btcv_nnformer.yaml")
     assert (nnf.train.optimizer, nnf.train.momentum, nnf.optim.schedule, nnf.train.lr) == ("sgd", 0.99, "poly", 0.01)
     assert nnf.optim.nesterov
+
+
+def test_class_balanced_crops_find_small_organs():
+    from alice3d.finetune.transforms import CLASS_KEY, train_random_transforms, training_view
+
+    task = resolve_task("btcv", spacing=(8.0, 8.0, 8.0), roi=(16, 16, 8))
+    image = torch.full((1, 64, 64, 32), 0.5)
+    label = torch.zeros((1, 64, 64, 32))
+    label[0, 4:40, 4:60, 2:30] = 6  # a large liver: ~45% of the volume
+    label[0, 56:58, 56:58, 28:30] = 1  # an 8-voxel spleen in a corner
+    view = training_view(image, label, task)
+    assert [len(i) for i in view[CLASS_KEY]][:2] == [int((label == 0).sum()), 8]
+    assert len(view[CLASS_KEY]) == task.num_classes and len(view[CLASS_KEY][6]) == 36 * 56 * 28
+
+    def spleen_share(crop: str) -> float:
+        t = train_random_transforms(task, AugConfig(crop=crop, flip_prob=0.0, rot90_prob=0.0, shift_prob=0.0))
+        t.set_random_state(seed=0)
+        hits = 0
+        for _ in range(300):
+            out = t(dict(view))[0]
+            assert tuple(out["label"].shape) == (1, 16, 16, 8)
+            hits += bool((out["label"] == 1).any())
+        return hits / 300
+
+    # posneg: the centre is one of ~56k liver voxels or a background voxel; the spleen is hit only
+    # by crops centred within 8 voxels of it. classes: background, spleen and liver (the classes
+    # present) each 1/3 of the centres, so at least a third of the crops hold the spleen.
+    with pytest.warns(UserWarning, match="no available indices of class"):
+        assert spleen_share("classes") >= 0.3
+    assert spleen_share("posneg") < 0.1
