@@ -218,3 +218,26 @@ def test_plain_image_label_folder_without_datalist(cohort, tmp_path, capsys):
     assert "validation = the last 1 in file-name order (img0004)" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["train_cases"] == ["img0001", "img0002", "img0003"] and results["val_cases"] == ["img0004"]
+
+
+def test_encoder_reliance_reevaluates_the_run_and_swaps_only_the_encoder(finished_run, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "experiments" / "encoder_reliance.py"
+    spec = importlib.util.spec_from_file_location("encoder_reliance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    row = script.reliance(finished_run)
+    results = json.loads((finished_run / "results.json").read_text())
+    # As trained, it reproduces the run's own validation Dice (same cases, same sliding window).
+    assert row["cases"] == 1 and row["encoder"] == "UNETR.vit"
+    assert row["dice_trained"] == pytest.approx(100 * results["metrics"]["mean_dice"], abs=1e-6)
+    assert 0.0 <= row["voxels_changed_pct"] <= 100.0
+    # A "fresh" encoder equal to the trained one changes nothing: only the encoder is swapped.
+    import copy
+
+    trained = script.load_run(finished_run).network
+    monkeypatch.setattr(script, "build_network", lambda spec: copy.deepcopy(trained))
+    same = script.reliance(finished_run)
+    assert same["voxels_changed_pct"] == 0.0 and same["dice_encoder_reinitialised"] == same["dice_trained"]
