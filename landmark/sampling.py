@@ -114,22 +114,57 @@ def augment(x: torch.Tensor, cfg: CropConfig, rng: np.random.Generator) -> torch
     return x
 
 
+MIN_OVERLAP = 0.25  # per axis, fraction of the smaller view's extent two views must share
+INDEPENDENT_TRIES = 8  # draws of an independent second seed before falling back to the shared one
+
+
+def views_overlap(center1: np.ndarray, extent1: np.ndarray, center2: np.ndarray, extent2: np.ndarray,
+                  min_fraction: float = MIN_OVERLAP) -> bool:
+    """Whether two axis-aligned boxes (volume index space) share ``min_fraction`` of the smaller
+    extent along every axis."""
+    shared = np.minimum(center1 + extent1 / 2, center2 + extent2 / 2) - np.maximum(center1 - extent1 / 2,
+                                                                                   center2 - extent2 / 2)
+    return bool(np.all(shared >= min_fraction * np.minimum(extent1, extent2)))
+
+
 def sample_view_pair(vol: TrainVolume, cfg: CropConfig, rng: np.random.Generator, fine_stride: int = 2) -> dict:
-    """Two views of ``vol``: ``view1/2 (1, *size)``, fine-grid affines ``affine1/2 (n+1, n+1)``."""
+    """Two views of ``vol``: ``view1/2 (1, *size)``, fine-grid affines ``affine1/2 (n+1, n+1)``.
+
+    With probability ``shared_seed_prob`` both views contain one seed point; otherwise view 2
+    has its own seed, redrawn until the views overlap (else the pair gives the loss no anchor
+    and the step trains on nothing). A shared-seed pair overlaps by >= (1 - 2 * shift_frac) of
+    the smaller extent (0.4 at the default 0.3), so it is never redrawn.
+    """
     size = tuple(cfg.size)
-    seed_pt = vol.body[rng.integers(len(vol.body))].astype(np.float64)
-    out = {}
-    for k in (1, 2):
-        if k == 2 and rng.random() >= cfg.shared_seed_prob:
-            seed_pt = vol.body[rng.integers(len(vol.body))].astype(np.float64)
+
+    def geometry(seed_pt: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         scale = float(rng.uniform(*cfg.scale_range))
         extent = np.asarray(size, dtype=np.float64) * scale
-        center = seed_pt + rng.uniform(-cfg.shift_frac, cfg.shift_frac, size=len(size)) * extent
+        return seed_pt + rng.uniform(-cfg.shift_frac, cfg.shift_frac, size=len(size)) * extent, scale, extent
+
+    def random_seed() -> np.ndarray:
+        return vol.body[rng.integers(len(vol.body))].astype(np.float64)
+
+    def view(k: int, center: np.ndarray, scale: float) -> None:
         index_map = crop_grid(center, scale, size)
-        view = sample_crop(vol.image, index_map, size)
-        out[f"view{k}"] = augment(view, cfg, rng)
+        out[f"view{k}"] = augment(sample_crop(vol.image, index_map, size), cfg, rng)
         world = vol.affine @ index_map  # crop index -> world
         out[f"affine{k}"] = grid_affine(world, fine_stride).float()
+
+    out: dict = {}
+    shared = random_seed()
+    center1, scale1, extent1 = geometry(shared)
+    view(1, center1, scale1)
+    if rng.random() < cfg.shared_seed_prob:
+        center2, scale2, _ = geometry(shared)
+    else:
+        for _ in range(INDEPENDENT_TRIES):
+            center2, scale2, extent2 = geometry(random_seed())
+            if views_overlap(center1, extent1, center2, extent2):
+                break
+        else:
+            center2, scale2, _ = geometry(shared)
+    view(2, center2, scale2)
     return out
 
 

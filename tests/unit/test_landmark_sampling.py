@@ -15,6 +15,7 @@ from landmark.sampling import (
     make_train_volume,
     sample_crop,
     sample_view_pair,
+    views_overlap,
 )
 
 AFF = np.array([[0.0, -2.0, 0, 40], [2.0, 0, 0, -40], [0, 0, 2.5, -30], [0, 0, 0, 1]])  # rotated axes
@@ -60,6 +61,36 @@ def test_views_differ_in_scale_within_range_and_overlap():
         c1 = pair["affine1"][:3] @ torch.tensor([3.5, 3.5, 3.5, 1.0])
         c2 = pair["affine2"][:3] @ torch.tensor([3.5, 3.5, 3.5, 1.0])
         assert (c1 - c2).norm() < 0.6 * 16 * 2.0 * 1.2 * np.sqrt(3)  # centres within the shift range
+
+
+def test_views_overlap_by_hand():
+    e = np.array([10.0, 10.0, 10.0])
+    c = np.zeros(3)
+    assert views_overlap(c, e, c + [7.0, 0, 0], e)  # 3 of 10 shared along x
+    assert not views_overlap(c, e, c + [8.0, 0, 0], e)  # 2 of 10 < 0.25
+    assert not views_overlap(c, e, c + [0, 0, 30.0], e)  # apart along z only
+    assert views_overlap(c, e, c + [4.0, 0, 0], e / 2)  # the smaller box sets the fraction
+
+
+def _box(affine: torch.Tensor, fine: int) -> tuple[np.ndarray, np.ndarray]:
+    """World corners of a view's fine grid (axis-aligned test affine)."""
+    lo = (affine[:3] @ torch.tensor([0.0, 0, 0, 1])).numpy()
+    hi = (affine[:3] @ torch.tensor([fine - 1.0, fine - 1, fine - 1, 1])).numpy()
+    return np.minimum(lo, hi), np.maximum(lo, hi)
+
+
+def test_independent_seeds_are_redrawn_until_the_views_overlap():
+    """Body at both ends of a long volume: independent seeds far apart would give the loss no
+    anchors; every pair must still overlap, in world space, on every axis."""
+    shape = (200, 20, 20)
+    img = np.zeros(shape, np.float32)
+    img[:10] = img[-10:] = 1.0
+    vol = make_train_volume(img, np.diag([2.0, 2.0, 2.0, 1.0]), body_threshold=0.5)
+    cfg = CropConfig(size=(16, 16, 16), shared_seed_prob=0.0)
+    for seed in range(40):
+        pair = sample_view_pair(vol, cfg, np.random.default_rng(seed))
+        (lo1, hi1), (lo2, hi2) = _box(pair["affine1"], 8), _box(pair["affine2"], 8)
+        assert np.all(np.minimum(hi1, hi2) > np.maximum(lo1, lo2)), seed
 
 
 def test_dataset_is_deterministic_per_index():
