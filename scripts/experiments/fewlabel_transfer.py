@@ -231,8 +231,22 @@ def finetune_all(args, runner: Runner, data: Path, encoders: dict[str, Path]) ->
     if args.dry_run:
         return out
     for name, n, run in runs:
-        out[name][n].append(json.loads((run / "results.json").read_text()))
+        res = json.loads((run / "results.json").read_text())
+        res["curve"] = validation_curve(run / "metrics.jsonl")
+        out[name][n].append(res)
     return out
+
+
+def validation_curve(metrics_file: Path) -> dict[int, float]:
+    """step -> validation mean Dice of one fine-tuning run, from its metrics.jsonl (empty if it never validated)."""
+    curve: dict[int, float] = {}
+    if not metrics_file.exists():
+        return curve
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "val_mean_dice" in row:
+            curve[int(row["step"])] = row["val_mean_dice"]  # a resumed run re-validates a step: the last one counts
+    return curve
 
 
 # ----------------------------------------------------------------------------- summary
@@ -255,12 +269,19 @@ def summarize(args, probes: dict, finetunes: dict) -> dict:
                 "nsd": mean_std([r["metrics"]["mean_nsd"] for r in runs]),
                 "per_organ_dice": {o: mean_std([r["metrics"]["per_organ"][o]["dice"]["mean"] for r in runs])["mean"]
                                    for o in organs},
+                "curve": curve_over_seeds([r.get("curve", {}) for r in runs]),
             }
         summary["arms"][name] = {"label": ARMS[name].label, "finetune": ft,
                                  "probe_linear": mean_std(probes[name]["linear"]) if probes else None,
                                  "probe_knn": mean_std(probes[name]["knn"]) if probes else None}
     summary["verdicts"] = verdicts(args, summary["arms"])
     return summary
+
+
+def curve_over_seeds(curves: list[dict[int, float]]) -> dict[int, dict]:
+    """Validation Dice per step, mean/std over the runs; only steps every run validated at."""
+    steps = set.intersection(*(set(c) for c in curves)) if curves else set()
+    return {s: mean_std([c[s] for c in curves]) for s in sorted(steps)}
 
 
 def _compare(a: dict, b: dict) -> dict:
@@ -322,8 +343,25 @@ def markdown(args, summary: dict, timings: dict, commands: list[str]) -> str:
                   "| organ | " + " | ".join(a["label"] for a in arms.values()) + " |", "|---|" + "---:|" * len(arms)]
         for o in organs:
             lines.append(f"| {o} | " + " | ".join(pct(a["finetune"][n]["per_organ_dice"][o]) for a in arms.values()) + " |")
+    lines += curve_tables(args, arms)
     lines += ["", "Commands (OUT = the `--out` folder):", "", "```"] + [display(c, args.out) for c in commands] + ["```"]
     return "\n".join(lines) + "\n"
+
+
+def curve_tables(args, arms: dict) -> list[str]:
+    """Validation Dice during fine-tuning (train.eval_every > 0), one table per label count."""
+    lines: list[str] = []
+    for n in args.n_labeled:
+        steps = sorted(set.intersection(*(set(a["finetune"][n]["curve"]) for a in arms.values())))
+        if len(steps) < 2:  # a single validation is the main table's figure already
+            continue
+        lines += ["", f"Validation Dice (%) during fine-tuning, n={n}, mean ± std over seeds (last validation = the "
+                  "last weights; the table above is each run's best checkpoint):", "",
+                  "| step | " + " | ".join(a["label"] for a in arms.values()) + " |", "|---:|" + "---:|" * len(arms)]
+        for s in steps:
+            cells = [f"{pct(c['mean'])} ± {pct(c['std'])}" for c in (a["finetune"][n]["curve"][s] for a in arms.values())]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def display(line: str, out: Path) -> str:
