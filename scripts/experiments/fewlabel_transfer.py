@@ -22,8 +22,9 @@ Protocol (every number it prints is measured by this script):
    training cases (--n-labeled), one run per seed (the seed picks the cases and the training
    randomness), validated on the cohort's held-out validation cases at the end;
 5. OUT/fewlabel_summary.{json,md} (mean +- std over seeds, per organ, the verdicts, every
-   command and the wall time of each phase) and OUT/fewlabel_dice.png (Dice vs labelled cases
-   per arm).
+   command and the wall time of each phase; with train.eval_every > 0 in --finetune-args also
+   the validation Dice at each validation step) and OUT/fewlabel_dice.png (Dice vs labelled
+   cases per arm).
 
 Settings (--setting): ``cpu`` (default; sized for about 60 minutes on 2 CPU cores: two runs in
 parallel, one thread each) and ``gpu`` (longer pretraining and fine-tuning, a bigger cohort
