@@ -7,7 +7,7 @@ exception that fits (ValueError, RuntimeError), so `except ValueError` keeps wor
 
 from __future__ import annotations
 
-__all__ = ["Alice3DError", "DataError"]
+__all__ = ["Alice3DError", "DataError", "PeerFailure"]
 
 
 class Alice3DError(Exception):
@@ -16,3 +16,7 @@ class Alice3DError(Exception):
 
 class DataError(Alice3DError, ValueError):
     """Unusable input data (file, datalist or array); the message names the file."""
+
+
+class PeerFailure(Alice3DError, RuntimeError):
+    """Another process of a distributed run died or stopped answering; this process's group is broken."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import re
 import shutil
 import sys
@@ -13,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from alice3d.config import ConfigError, load_config, save_config, valid_keys
 from alice3d.core.dist import cleanup_distributed, is_main_process
-from alice3d.errors import Alice3DError
+from alice3d.errors import Alice3DError, PeerFailure
 
 T = TypeVar("T")
 log = logging.getLogger("alice3d")
@@ -135,6 +136,15 @@ def run_main(fn: Callable[[], int | None]) -> None:
     process group (if the body joined one) on the way out."""
     try:
         code = fn()
+    except PeerFailure as e:
+        # The process group is broken: destroying it, or letting the interpreter tear it down at
+        # exit, can abort inside gloo/NCCL (SIGABRT), which would replace this message's exit code.
+        # The last checkpoint is already on disk, so leave at once.
+        print(f"error: {e}", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     except (Alice3DError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

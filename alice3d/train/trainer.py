@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alice3d.config import TrainConfig, to_dict
 from alice3d.core.dist import DistInfo, comm_failure_message, init_distributed, is_comm_failure, rank, resolve_device
-from alice3d.errors import Alice3DError
+from alice3d.errors import Alice3DError, PeerFailure
 from alice3d.runtime import Progress
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from alice3d.train.collapse import CollapseMonitor
@@ -175,7 +175,7 @@ class Trainer:
         except (RuntimeError, ValueError) as e:
             if not is_comm_failure(e):
                 raise
-            raise TrainingError(comm_failure_message(e, rank(), cfg.dist_timeout_s)) from e
+            raise PeerFailure(comm_failure_message(e, rank(), cfg.dist_timeout_s)) from e
         self.model = model.to(self.device)
         self.optimizer = optimizer or build_optimizer(self.model, cfg)
         self.scheduler = scheduler or build_scheduler(self.optimizer, cfg)
@@ -357,9 +357,9 @@ class Trainer:
                 if last_batch is not None:
                     self.write_preview(self.model, last_batch, result.step)
             except RuntimeError as e:
-                ours = isinstance(e, (TrainingError, CheckpointError))
+                ours = isinstance(e, (TrainingError, CheckpointError, PeerFailure))
                 if self.dist.enabled and not ours and is_comm_failure(e):
-                    raise TrainingError(comm_failure_message(e, self.dist.rank, cfg.dist_timeout_s)) from e
+                    raise PeerFailure(comm_failure_message(e, self.dist.rank, cfg.dist_timeout_s)) from e
                 raise
             finally:
                 bar.close()
