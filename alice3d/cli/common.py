@@ -133,7 +133,7 @@ def write_resolved_config(cfg: Any, out: Path) -> None:
 
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run a CLI body, turning expected failures into one clear line and exit code 2; leave the
-    process group (if the body joined one) on the way out."""
+    process group (if the body joined one) on the way out, except when a peer broke it."""
     try:
         code = fn()
     except PeerFailure as e:
