@@ -52,6 +52,9 @@ class TrainConfig:
     preview_every: int = 0  # steps between preview PNGs; 0 = only at the end
     device: str = "auto"  # cpu | cuda | auto
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # bf16 autocast on the CPU too: ~1.8x faster convolutions on CPUs with native bf16 (AVX512-BF16,
+    # AMX), slower on others; off by default so CPU runs stay fp32 and comparable.
+    cpu_amp: bool = False
     deterministic: bool = False
     num_workers: int = 0
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops

@@ -303,6 +303,8 @@ class Trainer:
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cfg.cpu_amp and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return nullcontext()
 
     def _begin(self, resume: bool) -> int:

@@ -6,8 +6,9 @@ Protocol (every number it prints is measured by this script):
 1. a labelled phantom cohort for evaluation (BTCV layout, seed --phantom-seed, default 1) is
    generated, or --data-root is used; pretraining never sees it (it runs on the embedded
    cohort, seed 0);
-2. one encoder per pretrained arm with ``alice3d-pretrain`` on the embedded cohort, the same
-   ViT-tiny and step budget for all:
+2. for every seed, one encoder per pretrained arm with ``alice3d-pretrain`` (train.seed = the
+   seed) on the embedded cohort, the same ViT-tiny and step budget for all, so the seed spread
+   covers pretraining as well as fine-tuning (--one-pretraining: one encoder per arm):
      mae                MAE (batch 2x Alice's, so both see the same number of crops per step)
      alice              Alice, the embedded default
      alice_same_volume  Alice with Q and K from the same volume (pairs.source=same_volume): no
@@ -17,20 +18,23 @@ Protocol (every number it prints is measured by this script):
    from an EMA copy, alice.casa_target=ema) can be added with --arms;
 3. frozen-feature probes: linear (logistic regression) and kNN on mean-pooled final tokens of
    organ-centre crops of the evaluation cohort (probe train/test = different subjects), one
-   crop draw per seed (and, for random init, one random encoder per seed);
+   crop draw and encoder per seed (for random init, one random encoder per seed);
 4. few-label fine-tuning: ``alice3d-finetune`` (UNETR around the encoder) on 2 and 6 labelled
    training cases (--n-labeled), one run per seed (the seed picks the cases and the training
-   randomness), validated on the cohort's held-out validation cases at the end;
+   randomness, and the encoder of that seed), validated on the cohort's held-out validation cases;
 5. OUT/fewlabel_summary.{json,md} (mean +- std over seeds, per organ, the verdicts, every
    command and the wall time of each phase; with train.eval_every > 0 in --finetune-args also
    the validation Dice at each validation step) and OUT/fewlabel_dice.png (Dice vs labelled
    cases per arm).
 
 Settings (--setting): ``cpu`` (default; sized for about 60 minutes on 2 CPU cores: two runs in
-parallel, one thread each) and ``gpu`` (longer pretraining and fine-tuning, a bigger cohort
-and 5 seeds, one run at a time on the GPU). Any value can be overridden by its flag.
+parallel, one thread each, fine-tuning in bf16), ``frozen`` (2 CPU cores, about 2 hours: random
+init, MAE and Alice at 2 labelled cases, the ViT frozen and 1,000 fine-tuning steps) and
+``gpu`` (longer pretraining and fine-tuning, a bigger cohort and 5 seeds, one run at a time on
+the GPU). Any value can be overridden by its flag.
 
     python scripts/experiments/fewlabel_transfer.py --out runs/fewlabel
+    python scripts/experiments/fewlabel_transfer.py --out runs/fewlabel_frozen --setting frozen
     python scripts/experiments/fewlabel_transfer.py --out runs/fewlabel_gpu --setting gpu
     python scripts/experiments/fewlabel_transfer.py --out runs/fl --arms random alice --n-labeled 2 --seeds 0
     python scripts/experiments/fewlabel_transfer.py --out runs/fl --encoder alice=RUN/encoder.pt   # bring your own
@@ -80,10 +84,18 @@ ARMS: dict[str, Arm] = {
 DEFAULT_ARMS = ["random", "mae", "alice", "alice_same_volume", "alice_no_casa"]
 
 SETTINGS: dict[str, dict] = {
-    # 2 CPU cores: two single-threaded runs side by side.
+    # 2 CPU cores: two single-threaded runs side by side; fine-tuning in bf16 (train.cpu_amp).
     "cpu": dict(pretrain_steps=300, finetune_steps=150, n_phantoms=24, phantom_size="small", seeds=[0, 1, 2],
                 jobs=2, threads=1, device="cpu", probe_volumes=12, probe_per_class=8,
-                finetune_args=["eval.sw_overlap=0.25", "eval.n_previews=0", "train.eval_every=0"]),
+                finetune_args=["eval.sw_overlap=0.25", "eval.n_previews=0", "train.eval_every=0", "train.cpu_amp=true"]),
+    # 2 CPU cores, a few hours: random init vs MAE vs Alice at 2 labelled cases with the ViT frozen
+    # (optim.encoder_lr_scale=0: only the UNETR's convolutional path and decoder train), 1,000 steps,
+    # where the features show (docs/results/fewlabel_phantoms.md).
+    "frozen": dict(pretrain_steps=600, finetune_steps=1000, n_phantoms=24, phantom_size="small", seeds=[0, 1, 2],
+                   jobs=2, threads=1, device="cpu", probe_volumes=12, probe_per_class=8,
+                   arms=["random", "mae", "alice"], n_labeled=[2],
+                   finetune_args=["eval.sw_overlap=0.25", "eval.n_previews=0", "train.eval_every=250",
+                                  "train.cpu_amp=true", "optim.encoder_lr_scale=0"]),
     # One GPU: longer runs, a bigger pretraining and evaluation cohort, 5 seeds.
     "gpu": dict(pretrain_steps=5000, finetune_steps=2000, n_phantoms=48, phantom_size="small", seeds=[0, 1, 2, 3, 4],
                 jobs=1, threads=8, device="cuda", probe_volumes=24, probe_per_class=16,
@@ -150,30 +162,38 @@ def evaluation_cohort(args, runner: Runner) -> Path:
     return data
 
 
-def pretrain_all(args, runner: Runner) -> dict[str, Path]:
-    encoders = dict(args.encoder_files)
+def pretrain_all(args, runner: Runner) -> dict[str, dict[int, Path]]:
+    """arm -> seed -> encoder.pt. By default seed s pretrains its own encoder (train.seed=s), so the
+    seed spread includes the spread of pretraining; with --one-pretraining every seed shares one
+    encoder per arm (train.seed=--pretrain-seed). --encoder files serve every seed."""
+    encoders = {name: {s: path for s in args.seeds} for name, path in args.encoder_files.items()}
+    pretrain_seeds = args.seeds if args.pretrain_per_seed else [args.pretrain_seed]
     jobs = []
     for name in args.arms:
         arm = ARMS[name]
         if arm.pretrain is None or name in encoders:
             continue
-        run = args.out / "pretrain" / name
-        encoders[name] = run / "encoder.pt"
-        cmd = [*tool("alice3d-pretrain"), "--out", run, f"train.max_steps={args.pretrain_steps}",
-               f"train.device={args.device}", f"train.seed={args.pretrain_seed}", *arm.pretrain, *args.pretrain_args]
-        if encoders[name].exists():
-            runner.reused(cmd)
-        elif run.exists():  # an interrupted run: continue it
-            jobs.append(([*tool("alice3d-pretrain"), "--out", run, "--resume"], f"pretrain_{name}"))
-        else:
-            jobs.append((cmd, f"pretrain_{name}"))
+        files = {}
+        for pseed in pretrain_seeds:
+            run = args.out / "pretrain" / (f"{name}_seed{pseed}" if args.pretrain_per_seed else name)
+            files[pseed] = run / "encoder.pt"
+            cmd = [*tool("alice3d-pretrain"), "--out", run, f"train.max_steps={args.pretrain_steps}",
+                   f"train.device={args.device}", f"train.seed={pseed}", *arm.pretrain, *args.pretrain_args]
+            if files[pseed].exists():
+                runner.reused(cmd)
+            elif run.exists():  # an interrupted run: continue it
+                jobs.append(([*tool("alice3d-pretrain"), "--out", run, "--resume"], f"pretrain_{run.name}"))
+            else:
+                jobs.append((cmd, f"pretrain_{run.name}"))
+        encoders[name] = {s: files[s if args.pretrain_per_seed else args.pretrain_seed] for s in args.seeds}
     runner.parallel(jobs, args.jobs)
     return encoders
 
 
-def reference_encoder(encoders: dict[str, Path]) -> Path:
-    """The file whose architecture the random-init arm takes (all arms share one architecture)."""
-    return encoders.get("alice") or next(iter(encoders.values()))
+def reference_encoder(encoders: dict[str, dict[int, Path]], seed: int) -> Path:
+    """The file whose architecture the random-init arm takes at `seed` (all arms share one architecture)."""
+    files = encoders.get("alice") or next(iter(encoders.values()))
+    return files[seed]
 
 
 def geometry(encoder: Path) -> list[str]:
@@ -185,18 +205,20 @@ def geometry(encoder: Path) -> list[str]:
             f"task.hu_window={fmt(meta['hu_window'])}"]
 
 
-def probe_all(args, data: Path, encoders: dict[str, Path]) -> dict[str, dict]:
+def probe_all(args, data: Path, encoders: dict[str, dict[int, Path]]) -> dict[str, dict]:
     """Linear / kNN accuracy per arm and seed on organ-centre crops of the evaluation cohort."""
     torch.set_num_threads(max(1, args.threads * args.jobs))
-    ref = reference_encoder(encoders)
-    meta = load_encoder(ref)[1]
+    meta = load_encoder(reference_encoder(encoders, args.seeds[0]))[1]
     vols = first_labeled_volumes(data, args.probe_volumes, args.out / "probe", meta["spacing"], meta["hu_window"])
     results: dict[str, dict] = {name: {"linear": [], "knn": [], "per_class": []} for name in args.arms}
     for seed in args.seeds:
         task = organ_center_task(vols, meta["crop_size"], per_class=args.probe_per_class, margin=1, seed=seed)
         print(f"probe task (seed {seed}): {task.describe()}", flush=True)
         for name in args.arms:
-            enc = random_encoder_like(ref, seed) if ARMS[name].pretrain is None else encoder_from_file(encoders[name])[0]
+            if ARMS[name].pretrain is None:
+                enc = random_encoder_like(reference_encoder(encoders, seed), seed)
+            else:
+                enc = encoder_from_file(encoders[name][seed])[0]
             res = probe_encoder(enc, task)
             results[name]["linear"].append(res["linear"])
             results[name]["knn"].append(res["knn"])
@@ -205,9 +227,8 @@ def probe_all(args, data: Path, encoders: dict[str, Path]) -> dict[str, dict]:
     return results
 
 
-def finetune_all(args, runner: Runner, data: Path, encoders: dict[str, Path]) -> dict[str, dict[int, list[dict]]]:
-    ref = reference_encoder(encoders)
-    geo = [] if args.dry_run else geometry(ref)
+def finetune_all(args, runner: Runner, data: Path, encoders: dict[str, dict[int, Path]]) -> dict[str, dict[int, list[dict]]]:
+    geo = [] if args.dry_run else geometry(reference_encoder(encoders, args.seeds[0]))
     jobs, runs = [], []
     for seed in args.seeds:
         for n in args.n_labeled:
@@ -215,7 +236,7 @@ def finetune_all(args, runner: Runner, data: Path, encoders: dict[str, Path]) ->
                 arm = ARMS[name]
                 run = args.out / "finetune" / f"{name}_n{n}_seed{seed}"
                 runs.append((name, n, run))
-                enc = ref if arm.pretrain is None else encoders[name]
+                enc = reference_encoder(encoders, seed) if arm.pretrain is None else encoders[name][seed]
                 cmd = [*tool("alice3d-finetune"), "--task", "btcv", "--data-root", data, "--pretrained", enc,
                        "--out", run, f"model.init={'random' if arm.pretrain is None else 'pretrained'}",
                        f"data.n_labeled={n}", f"train.seed={seed}", f"data.split_seed={seed}",
@@ -318,7 +339,8 @@ def pct(v) -> str:
 def markdown(args, summary: dict, timings: dict, commands: list[str]) -> str:
     arms = summary["arms"]
     lines = ["# Few-label transfer on phantoms", "",
-             f"Setting `{args.setting}`: pretraining {args.pretrain_steps} steps per arm on the embedded cohort; "
+             f"Setting `{args.setting}`: pretraining {args.pretrain_steps} steps per arm "
+             + ("and seed" if args.pretrain_per_seed else f"(seed {args.pretrain_seed})") + " on the embedded cohort; "
              f"fine-tuning {args.finetune_steps} steps on {' and '.join(map(str, args.n_labeled))} labelled cases of a "
              f"held-out cohort, seeds {args.seeds}; mean ± std over seeds (%). Wall time: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
@@ -395,10 +417,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
-    p.add_argument("--n-labeled", type=int, nargs="+", default=[2, 6])
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
+                   help=f"default: the setting's, else {' '.join(DEFAULT_ARMS)}")
+    p.add_argument("--n-labeled", type=int, nargs="+", default=None, help="labelled training cases (default 2 6)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--one-pretraining", action="store_true",
+                   help="one encoder per arm for every seed (train.seed=--pretrain-seed) instead of one per seed")
     p.add_argument("--pretrain-seed", type=int, default=0)
     p.add_argument("--pretrain-args", nargs="*", default=None, help="key=value overrides for every alice3d-pretrain")
     p.add_argument("--finetune-steps", type=int, default=None)
@@ -419,6 +444,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key, value in SETTINGS[args.setting].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.arms = args.arms or list(DEFAULT_ARMS)
+    args.n_labeled = args.n_labeled or [2, 6]
+    args.pretrain_per_seed = not args.one_pretraining
     args.pretrain_args = args.pretrain_args or []
     args.finetune_args = args.finetune_args or []
     args.encoder_files = {}
@@ -460,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         {"setting": args.setting, "summary": summary, "probes": probes, "timings_s": timings,
          "commands": runner.commands, "n_labeled": args.n_labeled, "seeds": args.seeds,
          "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
-         "encoders": {k: str(v) for k, v in encoders.items()}}, indent=2))
+         "encoders": {k: {str(s): str(p) for s, p in v.items()} for k, v in encoders.items()}}, indent=2))
     md = markdown(args, summary, timings, runner.commands)
     (args.out / "fewlabel_summary.md").write_text(md)
     plot(args, summary, args.out / "fewlabel_dice.png")

@@ -108,3 +108,37 @@ def test_markdown_has_the_curve_table_only_when_runs_validated_more_than_once(fl
         for r in runs:
             r["curve"] = {1000: r["metrics"]["mean_dice"]}
     assert "during fine-tuning" not in fl.markdown(args, fl.summarize(args, {}, once), {}, [])
+
+
+def _planned(fl, tmp_path, *extra):
+    """The encoder map and the pretraining commands a dry run plans (nothing runs)."""
+    args = fl.parse(["--out", str(tmp_path / "out"), "--arms", "random", "mae", "alice", "--seeds", "0", "1", "2",
+                     "--dry-run", *extra])
+    runner = fl.Runner(args.out, threads=1, dry=True)
+    return fl.pretrain_all(args, runner), [c for c in runner.commands if "pretrain" in c]
+
+
+def test_every_seed_pretrains_its_own_encoders_by_default(fl, tmp_path):
+    encoders, commands = _planned(fl, tmp_path)
+    pre = tmp_path / "out" / "pretrain"
+    assert encoders == {name: {s: pre / f"{name}_seed{s}" / "encoder.pt" for s in (0, 1, 2)} for name in ("mae", "alice")}
+    assert len(commands) == 6
+    assert sum(f"alice_seed{s} " in c and f"train.seed={s}" in c for c in commands for s in (0, 1, 2)) == 3
+    # random init takes the architecture of the same seed's Alice encoder
+    assert fl.reference_encoder(encoders, 2) == pre / "alice_seed2" / "encoder.pt"
+
+
+def test_one_pretraining_shares_one_encoder_per_arm_and_given_files_serve_every_seed(fl, tmp_path):
+    mine = tmp_path / "mine.pt"
+    encoders, commands = _planned(fl, tmp_path, "--one-pretraining", "--pretrain-seed", "7", "--encoder", f"mae={mine}")
+    assert encoders["alice"] == {s: tmp_path / "out" / "pretrain" / "alice" / "encoder.pt" for s in (0, 1, 2)}
+    assert encoders["mae"] == {s: mine for s in (0, 1, 2)}
+    assert len(commands) == 1 and "train.seed=7" in commands[0]
+
+
+def test_settings_fill_what_the_command_line_leaves_open(fl, tmp_path):
+    frozen = fl.parse(["--out", str(tmp_path / "a"), "--setting", "frozen"])
+    assert frozen.arms == ["random", "mae", "alice"] and frozen.n_labeled == [2]
+    assert "optim.encoder_lr_scale=0" in frozen.finetune_args and frozen.finetune_steps == 1000
+    cpu = fl.parse(["--out", str(tmp_path / "b"), "--n-labeled", "6"])
+    assert cpu.arms == fl.DEFAULT_ARMS and cpu.n_labeled == [6] and cpu.pretrain_per_seed

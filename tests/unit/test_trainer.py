@@ -226,3 +226,25 @@ def test_trainer_only_takes_train_modules(tmp_path):
     cfg = make_cfg()
     with pytest.raises(TypeError, match="TrainModule"):
         Trainer(nn.Linear(3, 1), cfg.train, tmp_path, full_config=cfg)
+
+
+class AutocastProbe(Toy):
+    """Records, at every forward, whether CPU autocast is on and the dtype a Linear computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append((torch.is_autocast_enabled("cpu"), self.lin(batch["x"]).dtype))
+        return super().forward(batch)
+
+
+@pytest.mark.parametrize("cpu_amp, expected", [(False, (False, torch.float32)), (True, (True, torch.bfloat16))])
+def test_cpu_amp_runs_the_forward_under_bf16_autocast_only_when_asked(tmp_path, cpu_amp, expected):
+    cfg = make_cfg(max_steps=3, cpu_amp=cpu_amp)
+    model = AutocastProbe()
+    Trainer(model, cfg.train, tmp_path, full_config=cfg).fit(ToyData())
+    assert model.seen and set(model.seen) == {expected}
+    assert model.lin.weight.dtype == torch.float32  # autocast leaves the weights (and the optimizer) in fp32
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path))))
