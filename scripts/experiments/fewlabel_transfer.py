@@ -27,8 +27,8 @@ Protocol (every number it prints is measured by this script):
    the validation Dice at each validation step) and OUT/fewlabel_dice.png (Dice vs labelled
    cases per arm).
 
-Settings (--setting): ``cpu`` (default; sized for about 60 minutes on 2 CPU cores: two runs in
-parallel, one thread each, fine-tuning in bf16), ``frozen`` (2 CPU cores, about 2 hours: random
+Settings (--setting): ``cpu`` (default; about 40 minutes on 2 CPU cores: two runs in
+parallel, one thread each, fine-tuning in bf16), ``frozen`` (2 CPU cores, about 80 minutes: random
 init, MAE and Alice at 2 labelled cases, the ViT frozen and 1,000 fine-tuning steps) and
 ``gpu`` (longer pretraining and fine-tuning, a bigger cohort and 5 seeds, one run at a time on
 the GPU). Any value can be overridden by its flag.
@@ -88,7 +88,7 @@ SETTINGS: dict[str, dict] = {
     "cpu": dict(pretrain_steps=300, finetune_steps=150, n_phantoms=24, phantom_size="small", seeds=[0, 1, 2],
                 jobs=2, threads=1, device="cpu", probe_volumes=12, probe_per_class=8,
                 finetune_args=["eval.sw_overlap=0.25", "eval.n_previews=0", "train.eval_every=0", "train.cpu_amp=true"]),
-    # 2 CPU cores, a few hours: random init vs MAE vs Alice at 2 labelled cases with the ViT frozen
+    # 2 CPU cores, about 80 minutes: random init vs MAE vs Alice at 2 labelled cases with the ViT frozen
     # (optim.encoder_lr_scale=0: only the UNETR's convolutional path and decoder train), 1,000 steps,
     # where the features show (docs/results/fewlabel_phantoms.md).
     "frozen": dict(pretrain_steps=600, finetune_steps=1000, n_phantoms=24, phantom_size="small", seeds=[0, 1, 2],
@@ -122,11 +122,13 @@ class Runner:
     def __init__(self, out: Path, threads: int, dry: bool) -> None:
         self.out, self.threads, self.dry = out, threads, dry
         self.commands: list[str] = []
+        self.n_reused = 0
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
     def reused(self, cmd: list) -> None:
         """Log the command whose outputs are already there, so the summary lists every run it uses."""
         self.commands.append(quoted(cmd))
+        self.n_reused += 1
         print(f"(done) {quoted(cmd)}", flush=True)
 
     def __call__(self, cmd: list, name: str) -> None:
@@ -336,14 +338,17 @@ def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}"
 
 
-def markdown(args, summary: dict, timings: dict, commands: list[str]) -> str:
+def markdown(args, summary: dict, timings: dict, commands: list[str], reused: int = 0) -> str:
+    """The summary page. `reused`: runs whose outputs an earlier invocation made; their time is not in `timings`."""
     arms = summary["arms"]
+    not_timed = (f" ({reused} run{'s' if reused > 1 else ''} reused from an earlier invocation"
+                 f" {'are' if reused > 1 else 'is'} not in these times)") if reused else ""
     lines = ["# Few-label transfer on phantoms", "",
              f"Setting `{args.setting}`: pretraining {args.pretrain_steps} steps per arm "
              + ("and seed" if args.pretrain_per_seed else f"(seed {args.pretrain_seed})") + " on the embedded cohort; "
              f"fine-tuning {args.finetune_steps} steps on {' and '.join(map(str, args.n_labeled))} labelled cases of a "
              f"held-out cohort, seeds {args.seeds}; mean ± std over seeds (%). Wall time: "
-             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
+             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + not_timed + ".", "",
              "| arm | " + " | ".join(f"Dice n={n}" for n in args.n_labeled) + " | "
              + " | ".join(f"NSD n={n}" for n in args.n_labeled) + " | linear probe | kNN probe |",
              "|---|" + "---:|" * (2 * len(args.n_labeled) + 2)]
@@ -489,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
          "commands": runner.commands, "n_labeled": args.n_labeled, "seeds": args.seeds,
          "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
          "encoders": {k: {str(s): str(p) for s, p in v.items()} for k, v in encoders.items()}}, indent=2))
-    md = markdown(args, summary, timings, runner.commands)
+    md = markdown(args, summary, timings, runner.commands, runner.n_reused)
     (args.out / "fewlabel_summary.md").write_text(md)
     plot(args, summary, args.out / "fewlabel_dice.png")
     print(md)

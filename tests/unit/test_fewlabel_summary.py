@@ -110,6 +110,21 @@ def test_markdown_has_the_curve_table_only_when_runs_validated_more_than_once(fl
     assert "during fine-tuning" not in fl.markdown(args, fl.summarize(args, {}, once), {}, [])
 
 
+def test_wall_time_names_the_runs_an_earlier_invocation_made(fl, tmp_path):
+    args = fl.parse(["--out", str(tmp_path / "out"), "--arms", "random", "alice", "--seeds", "0", "1", "--dry-run"])
+    done = args.out / "pretrain" / "alice_seed1" / "encoder.pt"
+    done.parent.mkdir(parents=True)
+    done.write_bytes(b"")
+    runner = fl.Runner(args.out, threads=1, dry=True)
+    fl.pretrain_all(args, runner)
+    assert runner.n_reused == 1 and len(runner.commands) == 2
+
+    summary = fl.summarize(_args(fl, tmp_path), {}, _finetunes())
+    text = fl.markdown(_args(fl, tmp_path), summary, {"fine-tuning": 60.0}, [], reused=runner.n_reused)
+    assert "fine-tuning 1.0 min (1 run reused from an earlier invocation is not in these times)." in text
+    assert "reused" not in fl.markdown(_args(fl, tmp_path), summary, {"fine-tuning": 60.0}, [])
+
+
 def _planned(fl, tmp_path, *extra):
     """The encoder map and the pretraining commands a dry run plans (nothing runs)."""
     args = fl.parse(["--out", str(tmp_path / "out"), "--arms", "random", "mae", "alice", "--seeds", "0", "1", "2",
