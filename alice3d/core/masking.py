@@ -243,6 +243,27 @@ def importance_masking(
     return mask_from_ids(ids_masked, length)
 
 
+def sampled_masking(
+    probs: torch.Tensor,
+    ratio: float,
+    generator: torch.Generator | None = None,
+) -> MaskInfo:
+    """Mask `num_masked(L, ratio)` tokens drawn without replacement with probabilities `probs (B, L)`.
+
+    Rows need not sum to 1 (they are normalised); a row of zeros is drawn uniformly. Tokens with a
+    higher score are masked more often, and every token keeps a chance (ccMIM's sampling).
+    """
+    if probs.ndim != 2:
+        raise ValueError(f"sampled_masking: expected probabilities (B, L), got shape {tuple(probs.shape)}")
+    b, length = probs.shape
+    p = probs.detach().float().clamp_min(0)
+    p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))
+    # torch.multinomial refuses rows with fewer non-zero entries than draws: give every token a floor
+    p = p / p.sum(1, keepdim=True) + 1e-12
+    ids_masked = torch.multinomial(p, num_masked(length, ratio), replacement=False, generator=generator)
+    return mask_from_ids(ids_masked, length)
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """`x (B, L, *rest)`, `ids (B, K)` -> `(B, K, *rest)`; differentiable w.r.t. x."""
     if ids.ndim != 2 or ids.shape[0] != x.shape[0]:

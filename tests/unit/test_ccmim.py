@@ -8,9 +8,9 @@ from monai.networks.nets import ViT
 
 from alice3d.config import ConfigError
 from alice3d.core.losses import info_nce
-from alice3d.core.masking import importance_masking
+from alice3d.core.masking import importance_masking, sampled_masking
 from alice3d.encoders.vit import ViTEncoder
-from alice3d.methods.ccmim import CCMIM, CCMIMConfig, cls_attention_scores
+from alice3d.methods.ccmim import CCMIM, CCMIMConfig, cls_attention_scores, eq7_info_nce
 
 TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {2: (16, 16), 3: (8, 8, 8)}
@@ -73,7 +73,7 @@ def test_scores_are_monai_cls_attention_summed_over_layers(nd):
 
 @pytest.mark.parametrize("nd", [2, 3])
 def test_masked_set_has_higher_attention_scores_when_noise_is_small(nd):
-    model, x = tiny_ccmim(nd, noise_scale=0.05), tiny_batch(nd)["image"]
+    model, x = tiny_ccmim(nd, noise_scale=0.05, mask_selection="topk_noise", score="all_layers"), tiny_batch(nd)["image"]
     torch.manual_seed(2)
     masking, scores = model.masking(x)
     masked_mean = (scores * masking.mask).sum(1) / masking.mask.sum(1)
@@ -146,25 +146,97 @@ def test_eq7_denominator_holds_the_visible_visible_negatives_hand_values():
     torch.testing.assert_close(info_nce(q_same, k_eye, 1.0), torch.tensor(math.log(math.e + 1) - 0.5))
 
 
-def test_ccmim_contrast_is_eq7_with_gradient_through_the_visible_negatives():
-    model, batch = tiny_ccmim(2, contrast_weight=1.0), tiny_batch(2)
-    model.eval()  # BatchNorm of the projector with fixed statistics, so the recomputation matches
-    x = batch["image"]
+def _contrast_inputs(model, batch):
     torch.manual_seed(5)
     out = model(batch)
     torch.manual_seed(5)
-    masking, _ = model.masking(x)
+    masking, _ = model.masking(batch["image"])
+    x = batch["image"]
     with torch.no_grad():
         q = torch.nn.functional.normalize(model.projector(model.encoder(x, ids_keep=masking.ids_keep)[:, 0]), dim=-1)
         k = torch.nn.functional.normalize(model.projector(model.encoder(x, ids_keep=masking.ids_masked)[:, 0]), dim=-1)
-    t = model.cfg.temperature
+    return out, q, k
+
+
+def test_ccmim_contrast_is_eq7_anchored_on_the_masked_cls():
+    model, batch = tiny_ccmim(2, contrast_weight=1.0), tiny_batch(2)
+    model.eval()  # BatchNorm of the projector with fixed statistics, so the recomputation matches
+    out, q, k = _contrast_inputs(model, batch)
+    t, n = model.cfg.temperature, q.shape[0]
     expected = 0.0
-    for i in range(q.shape[0]):
-        den = sum(math.exp(float(q[i] @ k[j]) / t) for j in range(q.shape[0]))
-        den += sum(math.exp(float(q[i] @ q[j]) / t) for j in range(q.shape[0]) if j != i)
-        expected += -math.log(math.exp(float(q[i] @ k[i]) / t) / den) / q.shape[0]
+    for i in range(n):  # paper: anchor SG(h^M_i), positive h^V_i, negatives h^V_j and sim(h^V_i, h^V_j), j != i
+        den = sum(math.exp(float(k[i] @ q[j]) / t) for j in range(n))
+        den += sum(math.exp(float(q[i] @ q[j]) / t) for j in range(n) if j != i)
+        expected += -math.log(math.exp(float(k[i] @ q[i]) / t) / den) / n
     torch.testing.assert_close(out["loss_con"], torch.tensor(expected), rtol=1e-4, atol=1e-5)
     assert 0 < float(out["online_std"]) and 0 < float(out["target_std"])
     cross_only = tiny_ccmim(2, contrast_weight=1.0, visible_negatives=False).eval()
     torch.manual_seed(5)
     assert float(cross_only(batch)["loss_con"]) < float(out["loss_con"])  # fewer terms in the denominator
+
+
+def test_eq7_visible_anchor_deviation_is_the_transposed_cross_term():
+    model, batch = tiny_ccmim(2, contrast_weight=1.0, eq7_anchor="visible"), tiny_batch(2)
+    model.eval()
+    out, q, k = _contrast_inputs(model, batch)
+    t, n = model.cfg.temperature, q.shape[0]
+    expected = 0.0
+    for i in range(n):
+        den = sum(math.exp(float(q[i] @ k[j]) / t) for j in range(n))
+        den += sum(math.exp(float(q[i] @ q[j]) / t) for j in range(n) if j != i)
+        expected += -math.log(math.exp(float(q[i] @ k[i]) / t) / den) / n
+    torch.testing.assert_close(out["loss_con"], torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_eq7_hand_values_and_gradient_only_through_the_visible_cls():
+    # v rows normalise to e0, e1; m to e0, (e0 + e1)/sqrt2. t = 1, no visible-visible terms:
+    # row 0: -log(e^1 / (e^1 + e^0)); row 1: m_1.v_0 = m_1.v_1 = 1/sqrt2 -> -log(1/2).
+    v = torch.tensor([[2.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    m = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    loss = eq7_info_nce(v, m, 1.0, visible_negatives=False)
+    expected = (math.log1p(math.exp(-1.0)) + math.log(2.0)) / 2
+    torch.testing.assert_close(loss, torch.tensor(expected))
+    # the transposed form anchors on v: row 0 has logits [1, s], row 1 [0, s] (s = 1/sqrt2)
+    transposed = info_nce(v, m, 1.0)
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(transposed, torch.tensor((math.log1p(math.exp(s - 1)) + math.log1p(math.exp(-s))) / 2))
+    loss.backward()
+    assert v.grad is not None and float(v.grad.abs().sum()) > 0 and m.grad is None
+    # with the visible-visible term: v_0.v_1 = 0 adds e^0 to each row
+    with_vv = eq7_info_nce(v.detach(), m.detach(), 1.0)
+    torch.testing.assert_close(with_vv, torch.tensor((math.log((math.e + 2) / math.e) + math.log(2 + math.exp(-s))) / 2))
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_last_layer_score_is_the_cls_softmax_over_patch_keys(nd):
+    torch.manual_seed(0)
+    enc = ViTEncoder(SIZES[nd], 4, spatial_dims=nd, cls_token=True, save_attn=True, **TINY_ENCODER)
+    x = tiny_batch(nd, b=2)["image"]
+    scores = cls_attention_scores(enc, x, "last_layer")
+    with torch.no_grad():
+        enc(x)
+    att = enc.blocks[-1].attn.att_mat[:, :, 0, 1:]  # MONAI's softmax over CLS + patch keys
+    expected = (att / att.sum(-1, keepdim=True)).mean(1)  # removing the CLS key and renormalising
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(scores.sum(1), torch.ones(2))
+
+
+def test_sampled_masking_follows_the_scores():
+    certain = sampled_masking(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), 0.5, generator=torch.Generator().manual_seed(0))
+    assert certain.mask.tolist() == [[False, False, True, True]]
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(4000, 1)
+    freq = sampled_masking(probs, 0.25, generator=g).mask.float().mean(0)
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.1, 0.1, 0.1]), atol=0.03, rtol=0)
+    uniform = sampled_masking(torch.zeros(2000, 4), 0.5, generator=g).mask.float().mean(0)
+    torch.testing.assert_close(uniform, torch.full((4,), 0.5), atol=0.04, rtol=0)
+
+
+def test_default_masking_samples_from_the_last_layer_score():
+    model, x = tiny_ccmim(2), tiny_batch(2)["image"]
+    torch.manual_seed(2)
+    masking, scores = model.masking(x)
+    torch.testing.assert_close(scores.sum(1), torch.ones(x.shape[0]))
+    torch.manual_seed(2)
+    expect = sampled_masking(cls_attention_scores(model.encoder.eval(), x, "last_layer"), 0.75)
+    assert torch.equal(masking.mask, expect.mask)

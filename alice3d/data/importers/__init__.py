@@ -1,0 +1,1 @@
+"""Importers: public datasets in their own formats -> NIfTI in HU + a Decathlon datalist."""
