@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alice3d.config import ConfigError, check_choice, check_ratio
-from alice3d.core.diagnostics import feature_spread
+from alice3d.core.diagnostics import spread_diagnostics
 from alice3d.core.ema import cosine_momentum, ema_update, make_target, scaled_momentum_base
 from alice3d.core.heads import PredictorMLP, ProjectionHead
 from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine
@@ -300,7 +300,7 @@ class Alice(PretrainMethod):
                 )
                 paired_t = torch.cat([cls_t[b:], cls_t[:b]])
                 out["inter_cos"] = F.cosine_similarity(cls_s.detach().float(), paired_t.float(), dim=-1).mean()
-                out["online_std"], out["target_std"] = feature_spread(cls_s), feature_spread(cls_t)
+                out.update(spread_diagnostics(cls_s, cls_t))
             if cfg.w_intra > 0:
                 if self.casa is not None:
                     query = self.casa.query(latent)
@@ -314,7 +314,7 @@ class Alice(PretrainMethod):
                 loss_intra = self.similarity(s[:b], t[:b], "intra") + self.similarity(s[b:], t[b:], "intra")
                 out["intra_cos"] = F.cosine_similarity(s.detach().float(), t.float(), dim=-1).mean()
                 if cfg.w_inter == 0:  # no [cls]: the spread of the token features shows collapse
-                    out["online_std"], out["target_std"] = feature_spread(s), feature_spread(t)
+                    out.update(spread_diagnostics(s, t))
 
         scale = self.align_scale()
         loss = cfg.w_rec * loss_rec + scale * (cfg.w_inter * loss_inter + cfg.w_intra * loss_intra)

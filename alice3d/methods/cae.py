@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, TransformerBlock
 
 from alice3d.config import ConfigError, check_ratio
-from alice3d.core.diagnostics import feature_spread
+from alice3d.core.diagnostics import spread_diagnostics
 from alice3d.core.ema import ema_update, make_target
 from alice3d.core.losses import masked_mse
 from alice3d.core.masking import MaskInfo, block_masking, gather_tokens, merge_tokens
@@ -215,7 +215,7 @@ class CAE(PretrainMethod):
         loss_align = F.mse_loss(regressed.float(), target.float())
         loss = loss_rec + self.cfg.align_weight * loss_align
         return {"loss": loss, "loss_rec": loss_rec.detach(), "loss_align": loss_align.detach(),
-                "online_std": feature_spread(regressed), "target_std": feature_spread(target)}
+                **spread_diagnostics(regressed, target)}
 
     @torch.no_grad()
     def update_target(self, step: int, max_steps: int) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from alice3d.config import ConfigError, check_choice, check_ratio
-from alice3d.core.diagnostics import feature_spread
+from alice3d.core.diagnostics import spread_diagnostics
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.dist import all_gather_with_grad, rank, world_size
 from alice3d.core.losses import info_nce, masked_mse, negative_cosine
@@ -202,8 +202,7 @@ class CCMIM(PretrainMethod):
             "loss_rec": loss_rec.detach(),
             "loss_con": loss_con.detach(),
             "masked_score_gap": _score_gap(scores, masking.mask),
-            "online_std": feature_spread(q),
-            "target_std": feature_spread(k),
+            **spread_diagnostics(q, k),
         }
 
     def encoder_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alice3d.config import ConfigError, check_choice, check_ratio
-from alice3d.core.diagnostics import feature_spread
+from alice3d.core.diagnostics import spread_diagnostics
 from alice3d.core.ema import cosine_momentum, ema_update, make_target
 from alice3d.core.heads import PredictorMLP
 from alice3d.core.losses import info_nce, masked_mse
@@ -230,7 +230,7 @@ class CMAE(PretrainMethod):
         l21, a21 = self._loss(p2, z1, ids)
         loss = 0.5 * (l12 + l21)
         return {"loss": loss, "loss_con": loss.detach(), "token_acc": 0.5 * (a12 + a21),
-                "online_std": feature_spread(torch.cat([p1, p2])), "target_std": feature_spread(torch.cat([z1, z2]))}
+                **spread_diagnostics(torch.cat([p1, p2]), torch.cat([z1, z2]))}
 
     @torch.no_grad()
     def update_target(self, step: int, max_steps: int) -> None:

@@ -1,10 +1,12 @@
 """Warn when a siamese method's target embeddings collapse (the loss alone does not show it).
 
 Methods with a siamese or contrastive branch log `target_std` (and `online_std`), the
-spread of their l2-normalised projections over the batch (`alice3d.core.diagnostics`):
-about 1 for spread-out features, 0 when every input gets the same vector. The monitor reads
-the logged records and warns once `target_std` has stayed below a threshold for a number of
-consecutive logged steps, then again every `repeat_every` logged steps while it stays there.
+spread of their l2-normalised projections over the batch, and `target_erank` (`online_erank`),
+their effective rank (`alice3d.core.diagnostics`): the spread is about 1 for spread-out
+features and 0 when every input gets the same vector; the effective rank is about 1 when every
+input lies on one line (+v or -v: dimensional collapse, which the spread does not see). The
+monitor reads the logged records and warns once either has stayed below its threshold for a
+number of consecutive logged steps, then again every `repeat_every` logged steps while it stays.
 """
 
 from __future__ import annotations
@@ -30,28 +32,41 @@ class CollapseMonitor:
 
     threshold: `target_std` below this counts as collapsed (0.2: a fifth of the spread of
         random directions).
-    patience: consecutive logged records below the threshold before the first warning.
+    erank_threshold: `target_erank` below this counts as dimensional collapse (1.5: the batch's
+        embeddings hardly leave one line; a healthy batch of B embeddings spans several directions).
+    patience: consecutive logged records below a threshold before the first warning.
     repeat_every: logged records between repeated warnings while the collapse lasts.
-    Records without `target_std` are ignored (methods without a target branch).
+    Records without the keys are ignored (methods without a target branch).
     """
 
     def __init__(self, threshold: float = 0.2, patience: int = 100, repeat_every: int = 500,
-                 key: str = "target_std") -> None:
+                 key: str = "target_std", erank_threshold: float = 1.5, erank_key: str = "target_erank") -> None:
         if patience < 1 or repeat_every < 1:
             raise ValueError(f"CollapseMonitor: patience and repeat_every must be >= 1, got {patience}, {repeat_every}")
-        self.threshold, self.patience, self.repeat_every, self.key = threshold, patience, repeat_every, key
-        self.low = 0  # consecutive logged records below the threshold
+        self.patience, self.repeat_every = patience, repeat_every
+        self.threshold, self.key = threshold, key
+        self.rules = {key: (threshold, "collapse"), erank_key: (erank_threshold, "dimensional collapse")}
+        self.lows = {k: 0 for k in self.rules}  # consecutive logged records below each threshold
         self.warnings = 0
 
+    @property
+    def low(self) -> int:
+        return self.lows[self.key]
+
     def observe(self, record: dict) -> str | None:
-        value = record.get(self.key)
-        if value is None:
-            return None
-        self.low = self.low + 1 if float(value) < self.threshold else 0
-        if self.low < self.patience or (self.low - self.patience) % self.repeat_every:
+        messages = []
+        for key, (threshold, what) in self.rules.items():
+            value = record.get(key)
+            if value is None:
+                continue
+            low = self.lows[key] = self.lows[key] + 1 if float(value) < threshold else 0
+            if low < self.patience or (low - self.patience) % self.repeat_every:
+                continue
+            messages.append(f"step {record.get('step', '?')}: {key}={float(value):.3f} has stayed below "
+                            f"{threshold:g} for {low} logged steps ({what}): {COLLAPSE_HINT}")
+        if not messages:
             return None
         self.warnings += 1
-        message = (f"step {record.get('step', '?')}: {self.key}={float(value):.3f} has stayed below "
-                   f"{self.threshold:g} for {self.low} logged steps (collapse): {COLLAPSE_HINT}")
+        message = "\n".join(messages)
         log.warning("%s", message)
         return message

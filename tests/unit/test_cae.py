@@ -43,7 +43,7 @@ def test_a_tiny_run_lowers_the_loss(nd):
 
     with torch.no_grad():
         first = loss()
-    assert set(first) == {"loss", "loss_rec", "loss_align", "online_std", "target_std"}
+    assert set(first) == {"loss", "loss_rec", "loss_align", "online_std", "target_std", "online_erank", "target_erank"}
     torch.testing.assert_close(first["loss"], first["loss_rec"] + 2.0 * first["loss_align"])
     for step in range(15):
         opt.zero_grad()

@@ -47,7 +47,8 @@ def test_a_tiny_run_lowers_the_loss(nd, contrast):
 
     with torch.no_grad():
         first = loss()
-    assert set(first) == {"loss", "loss_rec", "loss_con", "masked_score_gap", "online_std", "target_std"}
+    assert set(first) == {"loss", "loss_rec", "loss_con", "masked_score_gap", "online_std", "target_std",
+                          "online_erank", "target_erank"}
     torch.testing.assert_close(first["loss"], first["loss_rec"] + 0.2 * first["loss_con"])
     for _ in range(15):
         opt.zero_grad()

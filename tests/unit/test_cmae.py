@@ -40,7 +40,7 @@ def test_a_tiny_run_lowers_the_loss(nd):
 
     with torch.no_grad():
         first = loss()
-    assert set(first) == {"loss", "loss_con", "token_acc", "online_std", "target_std"}
+    assert set(first) == {"loss", "loss_con", "token_acc", "online_std", "target_std", "online_erank", "target_erank"}
     for step in range(15):
         opt.zero_grad()
         loss()["loss"].backward()

@@ -95,3 +95,34 @@ def test_trainer_warns_on_a_collapsed_target(tmp_path, caplog, spread, warned):
     if warned:
         assert "step 4" in hits[0].getMessage() and "predictor" in hits[0].getMessage()
     assert math.isclose(trainer.collapse.low, 6 if warned else 0)
+
+
+def test_effective_rank_by_hand():
+    from alice3d.core.diagnostics import effective_rank
+    # orthonormal rows: equal singular values -> exp(log d) = d
+    for d in (3, 8):
+        torch.testing.assert_close(effective_rank(torch.eye(d) * 2.0), torch.tensor(float(d)), atol=1e-4, rtol=0)
+    # two directions with singular values 3:1 (rows e0 x9, e1 x1 after normalisation): p = (3/4, 1/4)
+    z = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(9, 1), torch.tensor([[0.0, 5.0]])])
+    p = torch.tensor([0.75, 0.25])
+    torch.testing.assert_close(effective_rank(z), torch.exp(-(p * p.log()).sum()), atol=1e-4, rtol=0)
+    assert float(effective_rank(torch.randn(1, 4))) == 1.0
+
+
+def test_rank_one_plus_minus_v_is_flagged_by_erank_but_not_by_the_spread():
+    from alice3d.core.diagnostics import spread_diagnostics
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    signs = torch.tensor([1.0, -1.0] * 16)[:, None]
+    collapsed = signs * v  # (32, 64): every embedding on one line
+    healthy = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    d_bad, d_good = spread_diagnostics(collapsed, collapsed), spread_diagnostics(healthy, healthy)
+    # the old measure passes the rank-1 batch (it spreads as much as random directions do) ...
+    assert float(d_bad["target_std"]) > 0.5 and float(d_good["target_std"]) > 0.5
+    # ... the effective rank does not
+    assert float(d_bad["target_erank"]) == pytest.approx(1.0, abs=1e-3)
+    assert float(d_good["target_erank"]) > 20
+    mon = CollapseMonitor(patience=2, repeat_every=10)
+    out = [mon.observe({"step": s, **{k: float(x) for k, x in d_bad.items()}}) for s in (1, 2)]
+    assert out[0] is None and "target_erank=1.000" in out[1] and "dimensional collapse" in out[1]
+    healthy_mon = CollapseMonitor(patience=2, repeat_every=10)
+    assert all(healthy_mon.observe({"step": s, **{k: float(x) for k, x in d_good.items()}}) is None for s in (1, 2, 3))
