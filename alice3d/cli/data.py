@@ -4,20 +4,24 @@
     alice3d-data preview  --image IMG [--label LBL] --out PNG [--point x,y,z] [--window lo,hi]
     alice3d-data validate DATALIST_OR_DIR [--key training] [--full] [--labels 0-13] [--modality CT|MR] [--json F]
     alice3d-data preprocess --data DATALIST_OR_DIR --out STORE [--spacing X,Y,Z] [--hu-window LO,HI]
-                            [--workers N] [--shard I/N] [--verify]
+                            [--hu-offset HU] [--workers N] [--shard I/N] [--verify]
+    alice3d-data import openkbp --src DIR --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from ..cli.args import attach_negative_values
 from ..cli.common import setup_logging
-from ..data.datalists import load_datalist
+from ..data.datalists import display_names, load_datalist
+from ..data.importers.openkbp import import_openkbp
 from ..data.inspect import SAMPLE_SLICES
 from ..data.io import DataError, load_volume
 from ..data.phantom import SIZES, generate_cohort
@@ -62,6 +66,11 @@ def _label_set(text: str) -> list[int]:
     return sorted(out)
 
 
+# Options whose values are numbers, so may start with a minus (RAS world coordinates, HU windows):
+# `main` attaches such values (`--window -1000,400` -> `--window=-1000,400`) before argparse sees them.
+NUMERIC_OPTIONS = frozenset({"--point", "--window", "--spacing", "--hu-window", "--hu-offset"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alice3d-data", description="Synthetic CT phantoms, previews and data checks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,18 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--label", type=Path, default=None, help="label map to overlay")
     pv.add_argument("--out", required=True, type=Path, help="output PNG")
     pv.add_argument("--point", type=lambda s: _floats(s, 3, "--point"), default=None,
-                    help="world point x,y,z (RAS mm) to slice through and mark (default: volume centre)")
+                    help="world point x,y,z (RAS mm) to slice through and mark (default: volume centre); a leading "
+                         'minus is fine: --point "-97.8,-129.1,136.5"')
     pv.add_argument("--window", type=lambda s: _floats(s, 2, "--window"), default=(-175.0, 250.0),
-                    help="intensity window lo,hi (default -175,250 HU)")
+                    help="intensity window lo,hi (default -175,250 HU), e.g. --window -1000,400")
     pv.add_argument("--size", type=int, default=320, help="longest panel side in pixels")
 
     va = sub.add_parser("validate", help="check every case of a datalist or image folder; exit 1 if any is bad",
                         description="Check every case and print what was read: shape, spacing, orientation, "
                                     "intensity range and median, and the modality the image looks like; warn when "
-                                    "an image looks like a label map or like MR where CT is expected. Exit 0: all "
+                                    "an image looks like a label map, like MR where CT is expected or like a CT "
+                                    "stored with a +1024 offset (modality CT+1024), when a CT holds metal (voxels "
+                                    "above 3,000 HU) and when it has too few slices for a 3-D volume. Exit 0: all "
                                     "usable (warnings allowed), 1: bad cases (all listed), 2: the datalist itself "
                                     "cannot be read.")
-    va.add_argument("data", type=Path, help="datalist JSON (Decathlon/BTCV) or folder of images")
+    va.add_argument("data", type=Path, help="datalist JSON (Decathlon/BTCV), folder of images, or one image file")
     va.add_argument("--key", action="append", default=None, help="datalist split(s) to check (default: training, validation)")
     va.add_argument("--full", action="store_true",
                     help="read all voxels (NaN/inf, constant images, label values) and compute the intensity "
@@ -104,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--modality", type=str.upper, choices=("CT", "MR"), default=None,
                     help="modality the images should be (default: the datalist's 'modality' header, else CT)")
     va.add_argument("--json", type=Path, default=None, metavar="FILE",
-                    help="also write every case (its statistics, warnings, or the reasons it is bad) to FILE as JSON")
+                    help="also write every case (its statistics, warnings, or the reasons it is bad) to FILE as JSON; "
+                         "when the datalist itself cannot be read (exit 2) FILE holds the error (and the cases of "
+                         "splits read before it, if any)")
 
     default = PretrainConfig().data
     pp = sub.add_parser("preprocess", help="preprocess a cohort once into a volume store read crop by crop",
@@ -128,9 +142,35 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                     help="do only the cases k with k %% N == I (several nodes into one store on a shared "
                          "filesystem); default under torchrun: RANK/WORLD_SIZE")
+    pp.add_argument("--hu-offset", type=float, default=float(default.hu_offset), metavar="HU",
+                    help="added to every intensity right after reading (default 0): -1024 for a CT stored as "
+                         "HU + 1024 (air at 0, e.g. OpenKBP); part of the store's settings, so runs reading the "
+                         "store must set the same data.hu_offset")
     pp.add_argument("--verify", action="store_true",
                     help="also read back every case already in the store and rebuild those whose checksums fail")
+
+    im = sub.add_parser("import", help="convert a public dataset from its own format to NIfTI + a datalist",
+                        description="openkbp: the OpenKBP head-and-neck planning CTs (sparse CSVs) -> OUT/imagesTr "
+                                    "(NIfTI in HU, outside the body contour -1024), OUT/labelsTr (the 7 organs at risk: "
+                                    "1 Brainstem, 2 SpinalCord, 3 RightParotid, 4 LeftParotid, 5 Esophagus, 6 Larynx, "
+                                    "7 Mandible) and OUT/dataset.json (the challenge's train/validation/test split as "
+                                    "training/validation/test; each entry lists the labels its case contours in "
+                                    "'contoured': the others are unknown, not background). Patients without ct.csv, "
+                                    "or whose contours contradict the axes, are listed and skipped. Resumable.")
+    im.add_argument("dataset", choices=["openkbp"], help="which dataset")
+    im.add_argument("--src", required=True, type=Path,
+                    help="a clone of the open-kbp repository, or its provided-data/ folder")
+    im.add_argument("--out", required=True, type=Path, help="output folder (created, or resumed)")
     return p
+
+
+def _cmd_import(args) -> int:
+    r = import_openkbp(args.src, args.out, progress=True)
+    for patient, reason in r.skipped:
+        print(f"SKIP {patient}: {reason}")
+    print(f"imported {r.imported} patient(s) into {args.out} ({sum(r.cases.values()) - r.imported} already there); "
+          f"{', '.join(f'{k} {v}' for k, v in r.cases.items())}; {len(r.skipped)} skipped; wrote {r.datalist}")
+    return 0
 
 
 def _cmd_preprocess(args) -> int:
@@ -141,10 +181,20 @@ def _cmd_preprocess(args) -> int:
     shard = args.shard or env_shard()
     # under torchrun every process is one worker already
     workers = args.workers if args.workers is not None or args.shard or not shard else 1
-    settings = StoreSettings(tuple(args.spacing), body_hu_of_window(args.hu_window))
+    settings = StoreSettings(tuple(args.spacing), body_hu_of_window(args.hu_window), float(args.hu_offset))
     r = build_store(paths, args.out, settings, workers=workers, shard=shard, verify=args.verify)
+    shown = dict(zip((os.path.abspath(p) for p in paths), display_names(paths)))
+    for source, at in r.duplicates:
+        print(f"WARN {source} is listed {len(at)} times (entries {', '.join(map(str, at))} of {len(paths)}); "
+              "stored once")
     for source, reason in r.bad:
-        print(f"BAD  {Path(source).name}: {reason}")
+        print(f"BAD  {shown.get(os.path.abspath(source), Path(source).name)}: {reason}")
+    if args.verify:
+        if not r.damaged:
+            print(f"verified {r.verified} case(s) already in the store: all read back intact")
+        else:
+            print(f"verified {r.verified} case(s) already in the store: {r.damaged} damaged, {r.rebuilt} rebuilt"
+                  + ("" if r.rebuilt == r.damaged else " (the others are listed as bad above)"))
     part = f" (shard {shard[0]}/{shard[1]}: {r.mine} of {r.cases} cases)" if shard else ""
     per = f", {r.seconds / r.done_now:.2f} s per case" if r.done_now else ""
     print(f"preprocessed {r.done_now} case(s) into {r.root}{part} in {r.seconds:.1f} s{per}; "
@@ -174,7 +224,11 @@ def _cmd_preview(args) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    save_preview(args.out, vol, point_world=args.point, window=args.window, max_px=args.size)
+    try:
+        save_preview(args.out, vol, point_world=args.point, window=args.window, max_px=args.size)
+    except ValueError as e:  # the viewer's own argument checks (e.g. a --size too small for the panels)
+        print(f"error: cannot draw {args.image}: {e} (--size sets max_px)", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 
@@ -221,8 +275,16 @@ def _print_reports(key: str, reports) -> None:
             print(f"BAD  {key}: {Path(r.image).name}: {'; '.join(r.problems)}")
 
 
+def _write_validate_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    print(f"wrote {path}")
+
+
 def _cmd_validate(args) -> int:
     keys = args.key or ["training", "validation"]
+    if not args.data.is_dir() and args.data.suffix.lower() != ".json":
+        keys = keys[:1]  # one image file is the same one case under every split: list it once
     labels = args.labels if args.labels is not None else _header_labels(args.data)
     modality = args.modality or _header_modality(args.data)
     cases = []
@@ -234,6 +296,9 @@ def _cmd_validate(args) -> int:
             if args.key is None and key != "training" and "no 'validation' list" in str(e):
                 continue
             print(f"error: {e}", file=sys.stderr)
+            if args.json is not None:  # whoever reads the report learns why there are no cases
+                _write_validate_json(args.json, {"data": str(args.data), "error": str(e), "split": key,
+                                                 "expected_modality": modality, "labels": labels, "cases": cases})
             return 2
         reports = inspect_datalist(entries, label_values=labels, full=args.full, describe=True,
                                    expect_modality=modality)
@@ -249,17 +314,16 @@ def _cmd_validate(args) -> int:
         doc = {"data": str(args.data), "read": "full" if args.full else "header", "intensity_stats_from": stats,
                "expected_modality": modality, "labels": labels, "good": len(cases) - n_bad, "bad": n_bad,
                "warnings": n_warn, "cases": cases}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        print(f"wrote {args.json}")
+        _write_validate_json(args.json, doc)
     return 1 if n_bad else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(attach_negative_values(argv, NUMERIC_OPTIONS))
     handler = {"phantoms": _cmd_phantoms, "preview": _cmd_preview, "validate": _cmd_validate,
-               "preprocess": _cmd_preprocess}[args.command]
-    if args.command == "preprocess":
+               "preprocess": _cmd_preprocess, "import": _cmd_import}[args.command]
+    if args.command in ("preprocess", "import"):
         setup_logging(False)
         try:
             return handler(args)

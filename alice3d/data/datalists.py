@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from monai.data import load_decathlon_datalist
 
-from .io import IMAGE_SUFFIXES, DataError, is_dicom_dir
+from .io import IMAGE_SUFFIXES, DataError, is_dicom_dir, is_dicom_file
 
 BTCV_ORGANS = {
     1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "gallbladder", 5: "esophagus", 6: "liver", 7: "stomach",
@@ -132,7 +133,7 @@ def load_datalist(path_or_dir: str | os.PathLike, key: str = "training", base_di
         return entries
     if p.suffix.lower() == ".json":
         return _load_json_datalist(p, key, base_dir, check_exists)
-    if _is_image_file(p):
+    if _is_image_file(p) or is_dicom_file(p):  # one .dcm file: a (multi-frame) DICOM volume
         return [{"image": str(p.resolve())}]
     raise DataError(f"{p}: expected a datalist .json, an image file or a directory of images")
 
@@ -170,3 +171,66 @@ def write_btcv_datalist(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
     return path
+
+
+# ----------------------------------------------------------------------------- names of cases
+
+# Suffixes dropped from a file name to name its case (the store's case folders have used these
+# names since its first version: changing the list would rename cases of existing stores).
+NAME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+
+
+def _stem(name: str) -> str:
+    for suffix in NAME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def display_names(paths: Sequence[str | os.PathLike], safe: bool = False) -> list[str]:
+    """A short name per path: its file (or DICOM folder) name without the image suffix, and for
+    names that several paths share, the nearest parent folder(s) that tell them apart in front.
+
+    ``/d/patient1/PATIENT_DICOM`` and ``/d/patient2/PATIENT_DICOM`` -> ``patient1_PATIENT_DICOM``,
+    ``patient2_PATIENT_DICOM``; a name no other path has stays as it is, so adding a case never
+    renames the others unless it shares their name. ``safe``: only ``[A-Za-z0-9._-]`` in each part
+    (folder names). The same path listed twice gets the same name.
+    """
+    # parent folders, nearest first
+    parents, stems = [], []
+    for p in paths:
+        parts = Path(os.path.abspath(str(p).rstrip("/") or "/")).parts
+        stem = _stem(parts[-1]) if parts else ""
+        parents.append([(_safe(q) if safe else q) for q in reversed(parts[:-1])])
+        stems.append((_safe(stem) if safe else stem) or "case")
+    prefix: list[list[str]] = [[] for _ in stems]
+
+    def split(group: list[int], depth: int) -> None:
+        # the nearest folder level at which the group's paths differ: it names them apart
+        limit = max(len(parents[i]) for i in group)
+        for d in range(depth, limit):
+            values = [parents[i][d] if d < len(parents[i]) else "" for i in group]
+            if len(set(values)) > 1:
+                break
+        else:
+            return  # the same path (or folders that differ only in characters `safe` replaced)
+        sub: dict[str, list[int]] = {}
+        for i, v in zip(group, values):
+            if v:
+                prefix[i].insert(0, v)
+            sub.setdefault(v, []).append(i)
+        for members in sub.values():
+            if len(members) > 1:
+                split(members, d + 1)
+
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(stems):
+        groups.setdefault(s, []).append(i)
+    for members in groups.values():
+        if len(members) > 1:
+            split(members, 0)
+    return ["_".join([*pre, s]) for pre, s in zip(prefix, stems)]

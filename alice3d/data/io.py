@@ -21,13 +21,12 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai import transforms as mt
 from nibabel import orientations as nio
 from scipy import ndimage
 
 from alice3d.errors import DataError
 
-from .dicom import quiet_itk, read_series
+from .dicom import folder_files, is_dicom_file, quiet_itk, read_series
 from .geometry import itk_geometry, itk_to_ras_affine, ras_affine_to_itk
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -70,23 +69,12 @@ def is_nifti(path: str | os.PathLike) -> bool:
 
 
 def is_dicom_dir(path: str | os.PathLike) -> bool:
-    """A directory holding DICOM files (by .dcm suffix or the DICM magic at byte 128)."""
+    """A directory holding DICOM files (by .dcm suffix or the DICM magic at byte 128); hidden files,
+    DICOMDIR and documents next to the slices (`dicom.folder_files`) do not count."""
     p = Path(path)
     if not p.is_dir():
         return False
-    for f in sorted(p.iterdir())[:20]:
-        if not f.is_file():
-            continue
-        if f.suffix.lower() == ".dcm":
-            return True
-        try:
-            with open(f, "rb") as fh:
-                fh.seek(128)
-                if fh.read(4) == b"DICM":
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(is_dicom_file(f) for f in folder_files(p)[:20])
 
 
 def _squeeze_trailing(arr: np.ndarray, path: str, expect_ndim: int) -> np.ndarray:
@@ -162,12 +150,16 @@ def _nifti_data(img, path: str) -> np.ndarray:
 
 
 def _sitk_reader(path: str):
-    """A SimpleITK reader for a file, or for a DICOM folder whose series passed `dicom.read_series`'s checks."""
+    """A SimpleITK reader for a file, or for a DICOM folder whose series passed `dicom.read_series`'s checks;
+    a DICOM file passes `read_series`'s file checks (complete bytes, a readable header) first."""
     if Path(path).is_dir():
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(list(read_series(path).files))
         return reader
     reader = sitk.ImageFileReader()
+    if is_dicom_file(path):
+        read_series(path)
+        reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(path)
     return reader
 
@@ -367,33 +359,3 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, d
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(img, str(path))
     return Path(path)
-
-
-# ----------------------------------------------------------------------------- MONAI
-
-
-def monai_load_transforms(
-    keys: Sequence[str] = ("image", "label"),
-    spacing: Sequence[float] = (1.5, 1.5, 2.0),
-    hu_window: Sequence[float] = (-175.0, 250.0),
-    orientation: str = "RAS",
-    image_key: str = "image",
-):
-    """Dict transforms: load -> channel first -> orient -> resample -> HU window to [0, 1] (clipped).
-
-    Keys other than `image_key` are treated as label maps (nearest-neighbour resampling).
-    Outputs are MetaTensors `(1, *spatial)` whose `.affine` is the RAS voxel->world affine.
-    """
-    keys = list(keys)
-    modes = ["bilinear" if k == image_key else "nearest" for k in keys]
-    steps = [
-        mt.LoadImaged(keys=keys, image_only=True),
-        mt.EnsureChannelFirstd(keys=keys),
-        # explicit RAS axis labels: MONAI's default is about to change to "the MetaTensor's space"
-        mt.Orientationd(keys=keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(keys=keys, pixdim=tuple(spacing), mode=modes),
-    ]
-    if image_key in keys:
-        lo, hi = (float(v) for v in hu_window)
-        steps.append(mt.ScaleIntensityRanged(keys=[image_key], a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
-    return mt.Compose(steps)

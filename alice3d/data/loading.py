@@ -13,7 +13,7 @@ from typing import Sequence
 
 from alice3d.config import ConfigError, DataConfig, check_choice
 from alice3d.data.preprocess import auto_store
-from alice3d.data.store import StoreSettings, VolumeStore, body_hu_of_window, is_store, open_store
+from alice3d.data.store import StoreSettings, VolumeStore, body_hu_of_window, is_store, open_store, rebuild_hint
 from alice3d.data.volumes import VolumeSet, finish_volume_set, load_volume_set, resolve_image_paths, too_small
 
 log = logging.getLogger("alice3d.data")
@@ -33,7 +33,9 @@ def run_store(data: DataConfig, paths: Sequence[str] | None = None) -> VolumeSto
         if data.store == "never":
             raise ConfigError(f"data.store=never, but data.data={data.data} is a volume store; give the "
                               "original datalist or folder to load the volumes into memory")
-        return open_store(data.data, data.spacing)
+        store = open_store(data.data, data.spacing)
+        store.settings.check_hu_offset(data.hu_offset, store.root)
+        return store
     if data.store == "never":
         return None
     if paths is None:
@@ -42,7 +44,8 @@ def run_store(data: DataConfig, paths: Sequence[str] | None = None) -> VolumeSto
         return None
     if not paths:
         return None  # the in-memory path reports the empty list
-    settings = StoreSettings(tuple(float(s) for s in data.spacing), body_hu_of_window(data.hu_window))
+    settings = StoreSettings(tuple(float(s) for s in data.spacing), body_hu_of_window(data.hu_window),
+                             float(data.hu_offset))
     return auto_store(paths, settings)
 
 
@@ -55,7 +58,7 @@ def load_run_volumes(data: DataConfig, min_shape: Sequence[int] | None = None, m
     store = run_store(data, paths)
     if store is None:
         return load_volume_set(paths, data.spacing, data.hu_window, data.on_bad_data, min_shape=min_shape,
-                               min_volumes=min_volumes)
+                               min_volumes=min_volumes, hu_offset=data.hu_offset)
     if data.on_bad_data not in ("skip", "fail"):
         raise ValueError(f"data.on_bad_data: expected 'skip' or 'fail', got {data.on_bad_data!r}")
     cap = float(data.store_cache_mb) * 1e6
@@ -65,9 +68,16 @@ def load_run_volumes(data: DataConfig, min_shape: Sequence[int] | None = None, m
     vols, bad = [], [(b["source"], b["reason"]) for b in store.bad]
     for v in store.volumes(data.hu_window, cache_bytes=cap if fits else 0.0):
         small = too_small(v.shape, data.spacing, min_shape)
+        # A deleted or cut shard is found here by its size (stats only); a damaged chunk inside a
+        # whole shard is found by its checksum when a crop reads it (the crop datasets apply
+        # data.on_bad_data then, through on_bad_read).
+        missing = "" if small else v.file_problem()
         if small:
             bad.append((v.path, small))
+        elif missing:
+            bad.append((v.path, f"store case {v.name}: {missing}; {rebuild_hint(store.root)}"))
         else:
+            v.on_bad_read = data.on_bad_data
             vols.append(v)
     log.info("volume store %s: %d cases, %.1f MB on disk; %s", store.root, len(store.cases),
              store.totals.get("store_bytes", 0) / 1e6,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import re
 import shutil
 import time
 import uuid
@@ -28,8 +27,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from alice3d.data.datalists import display_names
 from alice3d.data.digest import file_digest, file_stamp, hash_arrays, volume_digest
-from alice3d.data.inspect import log_modality_warnings
+from alice3d.data.inspect import log_modality_warnings, too_few_slices
 from alice3d.data.io import DataError, load_volume, reorient_to_ras, resample_to_spacing
 from alice3d.data.phantom import cache_root
 from alice3d.data.sources import body_voxels, box_world
@@ -48,34 +48,40 @@ from alice3d.data.store import (
     verify_case,
     write_json_atomic,
 )
+from alice3d.data.volumes import with_hu_offset
 from alice3d.runtime import Progress, single_threaded_children
 
 log = logging.getLogger("alice3d.data")
 
-__all__ = ["BuildResult", "auto_store", "build_store", "case_names", "env_shard", "parse_shard", "preprocess_case"]
+__all__ = ["BuildResult", "auto_store", "build_store", "case_names", "env_shard", "parse_shard", "preprocess_case",
+           "unique_sources"]
 
 BODY_SAMPLES = 4096  # body voxels kept per case for drawing crop centres
-_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 # ----------------------------------------------------------------------------- names and shards
 
 
 def case_names(paths: Sequence[str]) -> list[str]:
-    """One folder name per source: its file name without the image suffix; names that two sources
-    share get a digest of the full path appended (same list in, same names out)."""
-    stems = []
-    for p in paths:
-        name = Path(str(p).rstrip("/")).name
-        for suffix in _SUFFIXES:
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        stems.append(re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "case")
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else f"{s}-{hash_arrays(os.path.abspath(str(p)))[:8]}" for s, p in zip(stems, paths)]
+    """One folder name per source (same list in, same names out): its file name without the image
+    suffix, with the nearest parent folders that tell apart sources sharing it in front
+    (:func:`alice3d.data.datalists.display_names`: ``patient1_PATIENT_DICOM``). A name that is
+    still not unique (a derived name equal to another file's name) gets a digest of the full path
+    appended, on the derived names only where that suffices: a file name no other source shares
+    keeps its name, and with it its case in an existing store."""
+    names = display_names(paths, safe=True)
+    plain = [display_names([p], safe=True)[0] for p in paths]
+
+    def digest(k: int) -> str:
+        return f"{names[k]}-{hash_arrays(os.path.abspath(str(paths[k])))[:8]}"
+
+    for derived_only in (True, False):
+        counts: dict[str, int] = {}
+        for s in names:
+            counts[s] = counts.get(s, 0) + 1
+        names = [digest(k) if counts[s] > 1 and (names[k] != plain[k] or not derived_only) else s
+                 for k, s in enumerate(names)]
+    return names
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -103,38 +109,62 @@ def env_shard(local: bool = False) -> tuple[int, int] | None:
 
 
 def _zarr_array(path: Path, array: np.ndarray) -> int:
-    """Write ``array`` as one shard (the whole volume) of 64^3 crc32c-checked, zstd-compressed chunks."""
+    """Write ``array`` as one shard (the whole volume) of 64^3 crc32c-checked, zstd-compressed chunks.
+
+    Empty (all fill value) chunks are written too: zarr leaves out a shard holding only fill
+    values, and a case's shard file must exist with the size its meta records (a missing one is
+    how a deleted entry is found); each empty chunk costs ~30 bytes compressed.
+    """
     shard = tuple(-(-int(s) // CHUNK) * CHUNK for s in array.shape)
     z = zarr.create_array(
         str(path), shape=array.shape, dtype=array.dtype, shards=shard, chunks=(CHUNK,) * array.ndim,
         compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()],
-        fill_value=0, zarr_format=3)
+        fill_value=0, zarr_format=3, config={"write_empty_chunks": True})
     z[...] = array
-    return (path / "c" / "0" / "0" / "0").stat().st_size
+    try:
+        return (path / "c" / "0" / "0" / "0").stat().st_size
+    except FileNotFoundError:
+        raise StoreError(f"{path}: zarr wrote no shard file for this {array.shape} {array.dtype} array") from None
 
 
 def preprocess_case(source: str, name: str, root: str | os.PathLike, settings: StoreSettings) -> dict:
-    """Read, check, RAS, resample ``source``; write ``root/cases/<name>`` atomically; its meta.
+    """Read, offset, check, RAS, resample ``source``; write ``root/cases/<name>`` atomically; its meta.
 
-    Raises DataError naming the file for a bad case (nothing is written then).
+    Raises DataError naming the file for a bad case (nothing is written then): the bad-data
+    checks of `load_volume`, too few slices for a volume (on the source grid) and no voxel
+    above the body threshold. The modality warnings are logged and kept in the meta.
     """
     source = str(source)
     vol = load_volume(source, reject_constant=True)
-    log_modality_warnings(vol, "CT", log)
+    few = too_few_slices(vol.shape)
+    if few:
+        raise DataError(f"{source}: {few}")
     meta = {"format": FORMAT, "version": VERSION, "name": name, "source": os.path.abspath(source),
             "source_stamp": file_stamp(source), "source_digest": file_digest(source),
+            # of the file as read (no offset): the key landmark's caches give the source
             "image_key": volume_digest(vol.array, vol.affine),
             "source_shape": list(vol.shape), "source_affine": np.asarray(vol.affine).tolist()}
+    vol = with_hu_offset(vol, settings.hu_offset)
+    warnings = log_modality_warnings(vol, "CT", log)
+    lo_hu, hi_hu = float(vol.array.min()), float(vol.array.max())
     ras = resample_to_spacing(reorient_to_ras(vol), settings.spacing, exact=True)
     del vol
     hu = np.clip(np.rint(ras.array), -32768, 32767).astype(np.int16)
     body = ras.array > settings.body_hu
+    if not body.any():
+        raise DataError(
+            f"{source}: no voxel above the body threshold {settings.body_hu:g} HU at {_fmt_mm(settings.spacing)} "
+            f"mm (intensities {lo_hu:.0f}..{hi_hu:.0f} with HU offset {settings.hu_offset:+g}): is it a CT in HU? "
+            "An empty or all-air scan has nothing to train on; a CT in other units needs converting to HU "
+            "(or --hu-offset / data.hu_offset); the threshold is 5% up the HU window (--hu-window / "
+            "data.hu_window)")
     rng = np.random.default_rng(int(meta["image_key"][:16], 16))  # content-seeded: a rebuild is identical
     sample, lo, hi = body_voxels(body, BODY_SAMPLES, rng)
     lo_mm, hi_mm = box_world(ras.affine, lo, hi)
-    meta.update(spacing=list(settings.spacing), body_hu=settings.body_hu, shape=list(hu.shape),
-                affine=np.asarray(ras.affine).tolist(), hu_min=int(hu.min()), hu_max=int(hu.max()),
-                body_voxels=int(body.sum()), body_lo_mm=lo_mm.tolist(), body_hi_mm=hi_mm.tolist())
+    meta.update(spacing=list(settings.spacing), body_hu=settings.body_hu, hu_offset=settings.hu_offset,
+                shape=list(hu.shape), affine=np.asarray(ras.affine).tolist(), hu_min=int(hu.min()),
+                hu_max=int(hu.max()), body_voxels=int(body.sum()), body_lo_mm=lo_mm.tolist(),
+                body_hi_mm=hi_mm.tolist(), warnings=list(warnings))
     root = Path(root)
     cases = root / "cases"
     tmp = cases / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -149,6 +179,10 @@ def preprocess_case(source: str, name: str, root: str | os.PathLike, settings: S
         shutil.rmtree(tmp, ignore_errors=True)
     (root / "bad" / f"{name}.json").unlink(missing_ok=True)
     return _summary(meta)
+
+
+def _fmt_mm(values: Sequence[float]) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -203,7 +237,8 @@ def _job(args: tuple) -> tuple[str, dict | None, str]:
 
 
 def case_state(root: Path, name: str, source: str, verify: bool = False) -> str:
-    """``"done"``, ``"bad"`` (known bad, source unchanged) or ``"todo"``."""
+    """``"done"``, ``"bad"`` (known bad, source unchanged), ``"todo"`` or (``verify``) ``"damaged"``:
+    done, but it does not read back whole (to be rebuilt like ``"todo"``)."""
     stamp = _stamp_or_none(source)
     meta_path = root / "cases" / name / META_FILE
     if meta_path.is_file():
@@ -218,7 +253,7 @@ def case_state(root: Path, name: str, source: str, verify: bool = False) -> str:
                 reason = verify_case(root / "cases" / name)
                 if reason:
                     log.warning("case %s is damaged, rebuilding it: %s", name, reason)
-                    return "todo"
+                    return "damaged"
             return "done"
         return "todo"
     bad_path = root / "bad" / f"{name}.json"
@@ -280,6 +315,26 @@ def write_manifest(root: Path, paths: Sequence[str], names: Sequence[str], setti
 # ----------------------------------------------------------------------------- the whole store
 
 
+def unique_sources(paths: Sequence[str], warn: bool = True) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """``(paths with each source once, in first-seen order, [(source, its 1-based positions)]``
+    of the sources listed more than once); ``warn``: each of those is logged as a warning."""
+    seen: dict[str, list[int]] = {}
+    out = []
+    for pos, p in enumerate(paths, 1):
+        key = os.path.abspath(str(p).rstrip("/") or "/")
+        if key not in seen:
+            seen[key] = []
+            out.append(str(p))
+        seen[key].append(pos)
+    duplicates = [(key, at) for key, at in seen.items() if len(at) > 1]
+    for key, at in duplicates if warn else ():
+        log.warning("%s is listed %d times (entries %s of the %d given); preprocessing it once", key, len(at),
+                    ", ".join(str(a) for a in at), len(paths))
+    return out, duplicates
+
+
+
+
 @dataclass
 class BuildResult:
     root: Path
@@ -290,6 +345,10 @@ class BuildResult:
     bad: list[tuple[str, str]] = field(default_factory=list)  # this shard's bad (source, reason)
     manifest: Path | None = None
     seconds: float = 0.0
+    verified: int = 0  # with verify: cases found done and read back whole or damaged
+    damaged: int = 0  # of those, damaged (rebuilt, or bad now)
+    rebuilt: int = 0  # damaged ones preprocessed again
+    duplicates: list[tuple[str, list[int]]] = field(default_factory=list)  # (source, 1-based positions)
 
 
 def _workers(workers: int | None, todo: int) -> int:
@@ -311,14 +370,17 @@ def build_store(paths: Sequence[str], out: str | os.PathLike, settings: StoreSet
         raise DataError("no volumes found in the data given (empty datalist or folder)")
     root = Path(out)
     _check_or_write_settings(root, settings)
-    paths = [str(p) for p in paths]
-    names = case_names(paths)
     i, n = shard or (0, 1)
+    paths, duplicates = unique_sources(paths, warn=i == 0)  # every shard sees them; one says so
+    names = case_names(paths)
     mine = [k for k in range(len(paths)) if k % n == i]
     _clean_temporaries(root, {names[k] for k in mine})
     states = {k: case_state(root, names[k], paths[k], verify) for k in mine}
-    todo = [k for k in mine if states[k] == "todo"]
-    result = BuildResult(root, len(paths), len(mine), 0, len(mine) - len(todo))
+    todo = [k for k in mine if states[k] in ("todo", "damaged")]
+    result = BuildResult(root, len(paths), len(mine), 0, len(mine) - len(todo), duplicates=duplicates)
+    if verify:
+        result.verified = sum(states[k] in ("done", "damaged") for k in mine)
+        result.damaged = sum(states[k] == "damaged" for k in mine)
     if result.skipped:
         log.info("%s: %d of this run's %d cases already preprocessed (resuming)", root, result.skipped, len(mine))
     jobs = [(paths[k], names[k], str(root), settings) for k in todo]
@@ -331,6 +393,7 @@ def build_store(paths: Sequence[str], out: str | os.PathLike, settings: StoreSet
                 log.warning("bad volume %s: %s", paths[k], reason)
             else:
                 result.done_now += 1
+                result.rebuilt += states[k] == "damaged"
             bar.update(1)
     result.bad = [(paths[k], read_json(root / "bad" / f"{names[k]}.json", "bad-case record").get("reason", ""))
                   for k in mine if (root / "bad" / f"{names[k]}.json").is_file()]
@@ -356,7 +419,10 @@ def _run(jobs: list[tuple], workers: int):
 def store_key(paths: Sequence[str], settings: StoreSettings) -> str:
     """Digest of the sources (absolute paths, sizes, modification times) and the settings."""
     sources = sorted((os.path.abspath(str(p)), _stamp_or_none(str(p))) for p in paths)
-    return hash_arrays(settings.to_dict(), sources)
+    doc = settings.to_dict()
+    if not settings.hu_offset:
+        del doc["hu_offset"]  # the key of the stores built before the offset existed
+    return hash_arrays(doc, sources)
 
 
 def auto_store(paths: Sequence[str], settings: StoreSettings, workers: int | None = None,

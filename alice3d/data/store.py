@@ -2,7 +2,7 @@
 
 Layout (written by :mod:`alice3d.data.preprocess`)::
 
-    STORE/store.json              format and settings (spacing, body threshold); written first
+    STORE/store.json              format and settings (spacing, body threshold, HU offset); written first
     STORE/manifest.json           settings, every case's geometry and source, bad cases with
                                   reasons; written last, when every case is done
     STORE/cases/<case>/image      zarr v3 array, int16 HU (rounded, clipped), one shard file
@@ -15,11 +15,12 @@ Layout (written by :mod:`alice3d.data.preprocess`)::
 
 Reads fetch only the chunks a crop touches, and zarr checks each chunk's crc32c, so a corrupt
 entry raises a :class:`StoreError` naming the case. Intensities stay in HU: the run's window is
-applied at read time, so what defines a store is its spacing (and the format version).
+applied at read time, so what defines a store is its spacing and HU offset (and the format version).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -30,6 +31,11 @@ from typing import Sequence
 
 import numpy as np
 import zarr
+
+try:
+    from zarr.core import sync as _zarr_sync  # its event loop (quiet_zarr_loop): not public API, may be absent
+except ImportError:
+    _zarr_sync = None
 
 from alice3d.data.sources import crop_slices
 from alice3d.data.volumes import normalize_hu
@@ -62,14 +68,19 @@ def body_hu_of_window(window: Sequence[float], level: float = BODY_LEVEL) -> flo
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """What a store is built with; a run asking for another spacing is refused."""
+    """What a store is built with; a run asking for another spacing or HU offset is refused.
+
+    ``hu_offset`` is added to every source intensity right after reading (-1024 for a CT stored
+    as HU + 1024, air at 0), so the store holds HU; a store written before it existed has 0.
+    """
 
     spacing: tuple[float, float, float]
     body_hu: float = body_hu_of_window((-125.0, 255.0))
+    hu_offset: float = 0.0
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "spacing": [float(s) for s in self.spacing],
-                "body_hu": float(self.body_hu)}
+                "body_hu": float(self.body_hu), "hu_offset": float(self.hu_offset)}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> "StoreSettings":
@@ -79,12 +90,21 @@ class StoreSettings:
             raise StoreError(f"{where}: volume store format version {d.get('version')!r}, this alice3d reads "
                              f"version {VERSION}; preprocess the data again into a new --out")
         try:
-            return cls(tuple(float(s) for s in d["spacing"]), float(d["body_hu"]))
+            return cls(tuple(float(s) for s in d["spacing"]), float(d["body_hu"]), float(d.get("hu_offset", 0.0)))
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: malformed store settings ({e})") from None
 
     def describe(self) -> str:
-        return f"spacing {_fmt(self.spacing)} mm, body above {self.body_hu:g} HU, format v{VERSION}"
+        return (f"spacing {_fmt(self.spacing)} mm, body above {self.body_hu:g} HU, HU offset {self.hu_offset:+g}, "
+                f"format v{VERSION}")
+
+    def check_hu_offset(self, hu_offset: float, root: str | os.PathLike, key: str = "data.hu_offset") -> None:
+        """Refuse a run whose ``key`` differs from the offset the store at ``root`` was built with."""
+        if abs(float(hu_offset) - self.hu_offset) > 1e-6:
+            raise StoreError(
+                f"{root}: this store was preprocessed with HU offset {self.hu_offset:+g}, but the run asks for "
+                f"{key}={float(hu_offset):g}; use {key}={self.hu_offset:g} or preprocess again with "
+                f"--hu-offset {float(hu_offset):g} into another --out")
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -145,6 +165,56 @@ class _LRU:
             self.total -= self.size(old)
 
 
+_QUIET_LOOP: list = [None]  # the zarr event loop whose exception handler is set (one per process)
+
+
+def _zarr_loop_exception(loop, context: dict) -> None:
+    exc = context.get("exception")
+    log.debug("zarr event loop: %s%s", context.get("message", ""), f" ({type(exc).__name__}: {exc})" if exc else "")
+
+
+def quiet_zarr_loop() -> None:
+    """Keep zarr's leftover chunk tasks of a failed read out of the log.
+
+    zarr runs every read on an asyncio loop in its own thread and gathers one task per chunk. When
+    one chunk fails its checksum, the gather raises at once (that error is the one we report) and
+    leaves the read's other chunk tasks behind; they finish later with errors nobody retrieves, or
+    are still pending at exit when zarr shuts its executor down, and asyncio's default handler logs
+    each of them with a traceback ("Task exception was never retrieved", "Task was destroyed but
+    it is pending!"): dozens of lines after the one that matters. Every error zarr returns to a
+    caller is raised by its ``sync()``, so what reaches this loop's handler is only such leftovers;
+    they go to the debug log. The loop is per process (zarr makes a new one after a fork).
+    """
+    if _zarr_sync is None:  # another zarr layout: its default handling stays
+        return
+    loop = _zarr_sync._get_loop()
+    if _QUIET_LOOP[0] is not loop:
+        loop.set_exception_handler(_zarr_loop_exception)
+        _QUIET_LOOP[0] = loop
+
+
+def settle_zarr_loop(timeout_s: float = 10.0) -> None:
+    """Wait (at most ``timeout_s``) until zarr's loop has finished the tasks a failed read left.
+
+    Left running, they are still there at exit, when zarr closes its loop: their coroutines are
+    then destroyed mid-flight and Python prints each one's "Exception ignored in ... Event loop
+    is closed" traceback, which no handler of the loop can catch.
+    """
+    loop = None if _zarr_sync is None else _zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+
+    async def settle() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    try:
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - a timeout or a closing loop: the read's own error matters
+        log.debug("zarr event loop did not settle: %s", e)
+
+
 # Per process (each DataLoader worker has its own): body samples of recently drawn cases, and,
 # when the whole cohort fits the configured cap, the decoded volumes themselves.
 _BODY = _LRU(256)
@@ -171,6 +241,9 @@ class StoreVolume:
         self.label = None
         self.empty_body = int(case.get("body_voxels", 1)) == 0
         self.cache_bytes = float(cache_bytes)
+        # What a crop dataset does when a read of this case fails (``data.on_bad_data``, set by
+        # alice3d.data.loading.load_run_volumes): "skip" quarantines the case, "fail" stops the run.
+        self.on_bad_read = ""  # "": raise the error as it is
         self._z = None
 
     @property
@@ -184,8 +257,21 @@ class StoreVolume:
         return f"StoreVolume({self.folder}, shape={self.shape})"
 
     def _fail(self, what: str) -> StoreError:
-        return StoreError(f"{self.folder}: {what} (case {self.name}, source {self.path}); rebuild it with "
-                          f"`alice3d-data preprocess --data ... --out {self.root} --verify`")
+        return StoreError(f"{self.folder}: {what} (case {self.name}, source {self.path}); {rebuild_hint(self.root)}")
+
+    def file_problem(self) -> str:
+        """'' when the case's files are there at the sizes its summary records, else what is wrong.
+
+        Only stats (no chunk is read), so a run checks every case at start in O(cases); a damaged
+        chunk inside a shard of the right size is found by its checksum when a crop reads it.
+        """
+        if not (self.folder / META_FILE).is_file():
+            return f"case metadata {self.folder / META_FILE} is missing"
+        for name in ("image", "body"):
+            problem = shard_problem(self.folder, name, self.case.get(f"{name}_nbytes"))
+            if problem:
+                return problem
+        return ""
 
     def _array(self):
         if self._z is None:
@@ -217,10 +303,13 @@ class StoreVolume:
 
     def _read(self, region) -> np.ndarray:
         try:
-            return np.asarray(self._array()[region])
+            z = self._array()
+            quiet_zarr_loop()
+            return np.asarray(z[region])
         except StoreError:
             raise
         except (ValueError, OSError, RuntimeError) as e:  # zarr: "Stored and computed checksum do not match"
+            settle_zarr_loop()
             raise self._fail(f"corrupt store entry ({type(e).__name__}: {e})") from None
 
     def read_crop(self, center: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -231,19 +320,35 @@ class StoreVolume:
         return out
 
 
+def rebuild_hint(root: str | os.PathLike) -> str:
+    """How to repair the damaged cases of the store at ``root`` (only those are rebuilt)."""
+    return f"rebuild it with `alice3d-data preprocess --data ... --out {root} --verify`"
+
+
+def shard_problem(folder: Path, name: str, nbytes: int | None) -> str:
+    """'' when the shard file of array ``folder/name`` exists with the size the case recorded
+    (``nbytes``; None: any size), else what is wrong. One stat, no read."""
+    shard = folder / name / "c" / "0" / "0" / "0"
+    try:
+        size = shard.stat().st_size
+    except FileNotFoundError:
+        return f"{name} data file {shard} is missing"
+    except OSError as e:
+        return f"{name} data file {shard} cannot be read ({e.strerror or e})"
+    if nbytes is not None and size != int(nbytes):
+        return f"{name} data file is {size} bytes, expected {nbytes} (truncated or replaced)"
+    return ""
+
+
 def open_case_array(folder: Path, name: str, nbytes: int | None, fail):
     """The zarr array ``folder/name`` after checking its shard file is the size the case recorded.
 
     zarr reads a missing shard as fill values; the size check turns a deleted or truncated
     shard into an error instead.
     """
-    shard = folder / name / "c" / "0" / "0" / "0"
-    try:
-        size = shard.stat().st_size
-    except FileNotFoundError:
-        raise fail(f"{name} data file {shard} is missing") from None
-    if nbytes is not None and size != int(nbytes):
-        raise fail(f"{name} data file is {size} bytes, expected {nbytes} (truncated or replaced)")
+    problem = shard_problem(folder, name, nbytes)
+    if problem:
+        raise fail(problem)
     try:
         return zarr.open_array(str(folder / name), mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises many kinds for a damaged zarr.json
@@ -316,11 +421,13 @@ def verify_case(folder: Path) -> str:
 
     try:
         meta = read_json(folder / META_FILE, "case metadata")
+        quiet_zarr_loop()
         for name in ("image", "body"):
             z = open_case_array(folder, name, meta.get(f"{name}_nbytes"), fail)
             z[...]
     except StoreError as e:
         return str(e)
     except (ValueError, OSError, RuntimeError) as e:
+        settle_zarr_loop()
         return f"corrupt store entry ({type(e).__name__}: {e})"
     return ""

@@ -22,7 +22,7 @@ import numpy as np
 
 from .dicom import quiet_itk, read_series
 from .geometry import itk_geometry, itk_to_ras_affine
-from .inspect import VolumeStats, describe_volume, modality_warnings, sample_voxels
+from .inspect import VolumeStats, describe_volume, modality_warnings, sample_voxels, too_few_slices
 from .io import DataError, _check_ndim_shape, _nifti_image, _sitk_reader, is_nifti, label_array, load_volume, read_array
 
 __all__ = ["DataError", "CaseReport", "inspect_case", "validate_case", "check_case", "inspect_datalist",
@@ -149,7 +149,8 @@ def inspect_case(
 ) -> CaseReport:
     """Check one case (each problem names the file). With ``describe`` also summarise the image
     (`inspect.describe_volume`: all voxels when ``full``, else `inspect.sample_voxels`) and warn when
-    it does not look like ``expect_modality``."""
+    it does not look like ``expect_modality`` or holds metal. An image with too few slices for a
+    3-D volume (`inspect.too_few_slices`) gets a warning in either mode."""
     image_path = str(image_path)
     report = CaseReport(image_path, None if label_path is None else str(label_path))
     if full:
@@ -182,8 +183,11 @@ def inspect_case(
         extra = present[~np.isin(present, allowed)]
         if extra.size:
             report.problems.append(f"{label_path}: label values {extra.tolist()} outside the expected set {allowed.tolist()}")
+    # a warning, not a problem: such a file still loads; training decides whether it may be used
+    if few := too_few_slices(shape):
+        report.warnings.append(f"{image_path}: {few}")
     if report.stats is not None:
-        report.warnings = modality_warnings(report.stats, expect_modality)
+        report.warnings += modality_warnings(report.stats, expect_modality)
     return report
 
 

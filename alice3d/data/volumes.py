@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from alice3d.data.datalists import load_datalist
-from alice3d.data.inspect import log_modality_warnings
+from alice3d.data.inspect import log_modality_warnings, too_few_slices
 from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
 from alice3d.data.phantom import default_cohort
 
@@ -59,16 +59,28 @@ def normalize_hu(array: np.ndarray, window: Sequence[float]) -> np.ndarray:
 
 
 def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[float],
-                   min_shape: Sequence[int] | None = None) -> Volume:
-    """Load, check, RAS, resample, window. Raises DataError naming the file; an image that looks
-    like a label map or MR (not CT) is logged as a warning and used."""
-    vol = load_volume(path, reject_constant=True)
+                   min_shape: Sequence[int] | None = None, hu_offset: float = 0.0) -> Volume:
+    """Load, offset, check, RAS, resample, window. Raises DataError naming the file (also for an
+    image of too few slices to be a volume); an image that looks like a label map or MR (not CT)
+    is logged as a warning and used. ``hu_offset`` is added to every voxel first (data.hu_offset:
+    -1024 for a CT stored as HU + 1024)."""
+    vol = with_hu_offset(load_volume(path, reject_constant=True), hu_offset)
+    few = too_few_slices(vol.shape)
+    if few:
+        raise DataError(f"{path}: {few}")
     log_modality_warnings(vol, "CT", log)
     vol = resample_to_spacing(reorient_to_ras(vol), spacing, exact=True)
     small = too_small(vol.shape, spacing, min_shape)
     if small:
         raise DataError(f"{path}: {small}")
     return replace(vol, array=normalize_hu(vol.array, hu_window))
+
+
+def with_hu_offset(vol: Volume, hu_offset: float) -> Volume:
+    """``vol`` with ``hu_offset`` added to every intensity (the volume itself for 0)."""
+    if not hu_offset:
+        return vol
+    return replace(vol, array=(vol.array + np.float32(hu_offset)).astype(np.float32, copy=False))
 
 
 def too_small(shape: Sequence[int], spacing: Sequence[float], min_shape: Sequence[int] | None) -> str:
@@ -81,7 +93,7 @@ def too_small(shape: Sequence[int], spacing: Sequence[float], min_shape: Sequenc
 
 def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: Sequence[float],
                     on_bad_data: str = "skip", min_shape: Sequence[int] | None = None,
-                    min_volumes: int = 1, workers: int | None = None) -> VolumeSet:
+                    min_volumes: int = 1, workers: int | None = None, hu_offset: float = 0.0) -> VolumeSet:
     if on_bad_data not in ("skip", "fail"):
         raise ValueError(f"data.on_bad_data: expected 'skip' or 'fail', got {on_bad_data!r}")
     if not paths:
@@ -89,7 +101,7 @@ def load_volume_set(paths: Sequence[str], spacing: Sequence[float], hu_window: S
 
     def one(p: str) -> Volume | tuple[str, str]:
         try:
-            return prepare_volume(p, spacing, hu_window, min_shape)
+            return prepare_volume(p, spacing, hu_window, min_shape, hu_offset)
         except DataError as e:
             return (p, str(e).removeprefix(f"{p}: "))
 

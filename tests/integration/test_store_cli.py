@@ -71,7 +71,7 @@ def test_pretrain_reads_a_preprocessed_store(tmp_path, capsys):
     torch.manual_seed(0)
     model = save_landmark_model(build_model(cfg.model), cfg, tmp_path / "landmark.pt")
 
-    from landmark.cli import main as landmark_main
+    from alice3d.cli.landmark import main as landmark_main
 
     with pytest.raises(SystemExit) as done:
         landmark_main(["embed", "--model", str(model), "--data", str(store)])

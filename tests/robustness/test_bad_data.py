@@ -113,8 +113,8 @@ def dicom_gap(d, cohort):
             w.Execute(sl)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
-    return folder, None, r"not evenly spaced: expected 8 mm between slices.*gap of 16 mm between slice positions 64 " \
-                         r"and 80 mm \(slice008.dcm and slice010.dcm"
+    return folder, None, r"not evenly spaced: expected 8 mm between slices.*gap of 16 mm along the slice normal " \
+                         r"between slice008.dcm \(ImagePositionPatient \(0, 0, 64\)\) and slice010.dcm"
 
 
 def smaller_than_crop(d, cohort):

@@ -87,22 +87,28 @@ def test_missing_slice_is_an_error_naming_the_gap(tmp_path, capfd):
             check()
         msg = str(e.value)
         assert msg.startswith(f"{folder}: ") and "expected 2 mm between slices" in msg
-        assert "gap of 4 mm between slice positions 36 and 40 mm" in msg
-        assert "slice003.dcm and slice004.dcm" in msg and "about 1 slice(s) missing" in msg
+        # the header's ImagePositionPatient values of the files around the gap, the step along the normal
+        assert ("gap of 4 mm along the slice normal between slice003.dcm (ImagePositionPatient (10, -20, 36)) "
+                "and slice004.dcm (ImagePositionPatient (10, -20, 40)), about 1 slice(s) missing") in msg
     assert "itkImageSeriesReader" not in capfd.readouterr().err  # no C++ warning naming ITK's source
     assert sitk.ProcessObject.GetGlobalWarningDisplay()  # switched back on after the read
-    assert "gap of 4 mm" in validate_case(folder, full=False)[0]
+    assert "gap of 4 mm along the slice normal" in validate_case(folder, full=False)[0]
 
 
 def test_three_missing_slices_and_an_uneven_step(tmp_path):
     write_series(tmp_path / "gap3", _axial(12, skip=(5, 6, 7)))
-    with pytest.raises(DataError, match=r"gap of 8 mm between slice positions 38 and 46 mm .*about 3 slice"):
+    with pytest.raises(DataError, match=r"gap of 8 mm along the slice normal between slice004.dcm "
+                                        r"\(ImagePositionPatient \(10, -20, 38\)\) and slice005.dcm "
+                                        r"\(ImagePositionPatient \(10, -20, 46\)\), about 3 slice"):
         load_volume(tmp_path / "gap3")
     pos = _axial(8)
     pos[3] = (10.0, -20.0, 37.0)  # a misplaced slice: 3 mm above its neighbour below, 1 mm below the next
     write_series(tmp_path / "uneven", pos)
-    with pytest.raises(DataError, match=r"found a gap of 3 mm between slice positions 34 and 37 mm \(slice002.dcm and "
-                                        r"slice003.dcm\); a step of only 1 mm between slice positions 37 and 38 mm"):
+    with pytest.raises(DataError, match=r"found a gap of 3 mm along the slice normal between slice002.dcm "
+                                        r"\(ImagePositionPatient \(10, -20, 34\)\) and slice003.dcm "
+                                        r"\(ImagePositionPatient \(10, -20, 37\)\); a step of only 1 mm along the "
+                                        r"slice normal between "
+                                        r"slice003.dcm"):
         load_volume(tmp_path / "uneven")
 
 
@@ -113,7 +119,7 @@ def test_duplicate_positions(tmp_path):
         load_volume(folder)
     msg = str(e.value)
     assert msg.startswith(f"{folder}: 1 duplicate DICOM slice position")
-    assert "slice002.dcm and slice006.dcm both at 34 mm" in msg
+    assert "slice002.dcm and slice006.dcm both at 34 mm (ImagePositionPatient (10, -20, 34) and (10, -20, 34))" in msg
 
 
 def test_two_series_in_one_folder(tmp_path):

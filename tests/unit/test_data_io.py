@@ -173,22 +173,6 @@ def test_resample_to_spacing_keeps_geometry():
     assert np.allclose(lo, ref[0]) and np.allclose(hi, ref[1])
 
 
-def test_monai_load_transforms(tmp_path):
-    arr = np.random.default_rng(0).uniform(-1000, 1000, size=(20, 16, 10)).astype(np.float32)
-    lab = (arr > 500).astype(np.uint8)
-    aff = _affine(spacing=(1.0, 1.0, 2.0), flips=(-1, -1, 1))
-    save_nifti(arr, aff, tmp_path / "i.nii.gz")
-    save_nifti(lab, aff, tmp_path / "l.nii.gz")
-    t = dio.monai_load_transforms(("image", "label"), spacing=(2.0, 2.0, 2.0), hu_window=(-125, 255))
-    out = t({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
-    img, seg = out["image"], out["label"]
-    assert img.shape[0] == 1 and img.shape == seg.shape and tuple(img.shape[1:]) == (10, 8, 10)
-    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-    a = np.asarray(img.affine)
-    assert np.all(np.diag(a)[:3] > 0) and np.allclose(np.abs(np.diag(a)[:3]), 2.0)
-    assert set(np.unique(np.asarray(seg)).tolist()) <= {0.0, 1.0}
-
-
 def test_gzip_module_errors_are_wrapped(tmp_path):
     with gzip.open(tmp_path / "x.nii.gz", "wb") as f:
         f.write(b"\x00" * 10)

@@ -121,3 +121,15 @@ def test_malformed_csv_is_named(kbp, tmp_path):
     bad.write_text(",data\n5,abc\n")
     with pytest.raises(DataError, match="pt_1/ct.csv: unreadable OpenKBP CSV"):
         read_patient(bad.parent)
+
+
+def test_cli_import_openkbp(kbp, tmp_path, capsys):
+    from alice3d.cli.data import main
+
+    assert main(["import", "openkbp", "--src", str(kbp), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "SKIP train-pats/pt_3: no ct.csv" in out and "imported 4 patient(s)" in out
+    assert "training 2, validation 1, test 1" in out
+    assert (tmp_path / "o" / "dataset.json").is_file()
+    assert main(["import", "openkbp", "--src", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    assert "no OpenKBP data here" in capsys.readouterr().err
