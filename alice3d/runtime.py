@@ -1,5 +1,5 @@
-"""Progress reporting, worker-process set-up and atomic file writes every layer may use (the rank lives in
-`alice3d.core.dist`).
+"""Progress reporting, worker-process and CPU-thread set-up and atomic file writes every layer may use
+(the rank lives in `alice3d.core.dist`).
 
 Bottom layer: imports only the standard library, tqdm and `alice3d.core.dist`.
 
@@ -243,3 +243,122 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = False,
         with suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+THREADS_FIX = ("set train.num_threads=N (or OMP_NUM_THREADS=N) so that processes x (1 + train.num_workers) x N "
+               "stays within the free cores, or run when the other jobs are done")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cgroup cpusets), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable threads, all users), None where the OS has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def local_processes() -> int:
+    """Training processes of this run on this node (torchrun's ``LOCAL_WORLD_SIZE``, else 1)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def auto_num_threads(cores: int, processes: int, workers: int, current: int | None = None) -> int:
+    """Torch threads of one training process for ``train.num_threads=0``.
+
+    Each of the node's ``processes`` runs itself plus ``workers`` DataLoader workers, so it gets
+    ``cores // (processes * (1 + workers))`` cores (at least one thread); never more than
+    ``current`` (what torch would use on its own: ``OMP_NUM_THREADS`` or an earlier
+    ``torch.set_num_threads``), so an explicit lower setting wins.
+    """
+    share = max(1, int(cores) // (max(1, int(processes)) * (1 + max(0, int(workers)))))
+    return share if current is None else max(1, min(share, int(current)))
+
+
+def cpu_oversubscription(load1: float | None, cores: int, own_threads: int) -> str:
+    """Why this run will compete for the CPU ('' when it will not): the 1-minute load average
+    ``load1`` (what already runs) exceeds the ``cores`` left once the run's ``own_threads``
+    (all its processes, workers and threads on this node) are taken off."""
+    if load1 is None:
+        return ""
+    free = int(cores) - int(own_threads)
+    if load1 <= free:
+        return ""
+    return (f"the 1-minute load average is {load1:.1f} on {cores} usable cores, and this run needs {own_threads} of "
+            f"them, so it will compete for the CPU (steps can get many times slower); {THREADS_FIX}")
+
+
+class StepTimeMonitor:
+    """Warns once (then at most every ``interval_s``) when training steps become much slower.
+
+    The reference is the median step time of ``baseline`` steps after ``warmup`` steps: the first
+    steps pay one-off costs (lazy initialisation, memory allocation, worker start, compilation)
+    and would make the reference too slow. A slowdown is the median of the last ``recent`` steps
+    exceeding ``factor`` x the reference. Medians of 10 ignore up to 4 odd steps (a garbage
+    collection, a slow read, a neighbour's burst), so only a lasting change counts; 3x is well
+    above the jitter of a step on a busy node (< 2x) and well below what oversubscribed threads
+    do (the reported case went from 1.15 to 10-12 s per step). Step times should exclude
+    checkpoints, evaluations and previews.
+    """
+
+    def __init__(self, warmup: int = 3, baseline: int = 10, recent: int = 10, factor: float = 3.0,
+                 interval_s: float = 900.0):
+        self.warmup, self.baseline_n, self.recent_n = int(warmup), int(baseline), int(recent)
+        self.factor, self.interval_s = float(factor), float(interval_s)
+        self.seen = 0
+        self.reference: float | None = None
+        self._first: list[float] = []
+        self._recent: list[float] = []
+        self._warned_at: float | None = None
+
+    def observe(self, step_time_s: float, now: float) -> tuple[float, float] | None:
+        """Record one step's time (``now``: a monotonic clock, for the rate limit); returns
+        ``(recent median, reference)`` when a warning is due, else None."""
+        self.seen += 1
+        if self.seen <= self.warmup:
+            return None
+        if self.reference is None:
+            self._first.append(float(step_time_s))
+            if len(self._first) == self.baseline_n:
+                self.reference = _median(self._first)
+            return None
+        self._recent.append(float(step_time_s))
+        del self._recent[:-self.recent_n]
+        if len(self._recent) < self.recent_n:
+            return None
+        recent = _median(self._recent)
+        if recent <= self.factor * self.reference:
+            return None
+        if self._warned_at is not None and now - self._warned_at < self.interval_s:
+            return None
+        self._warned_at = now
+        return recent, self.reference
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def slowdown_message(recent: float, reference: float, load1: float | None, cores: int, threads: int,
+                     processes: int, workers: int) -> str:
+    """The warning for a slowdown found by :class:`StepTimeMonitor`, with the likely cause and the fix."""
+    load = f"the 1-minute load average is {load1:.1f} on {cores} usable cores" if load1 is not None else \
+        f"{cores} usable cores"
+    return (f"training steps got {recent / reference:.1f}x slower (median {recent:.2f} s/step over the last steps, "
+            f"{reference:.2f} s/step after warm-up); {load}, and this run uses {processes} process(es) x "
+            f"(1 + {workers} workers) x {threads} torch thread(s). Most likely other jobs now share these cores "
+            f"(oversubscribed CPU threads); {THREADS_FIX}")

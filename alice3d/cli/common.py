@@ -45,24 +45,22 @@ def resolve_config(cls: type[T], args: argparse.Namespace, extra: Sequence[str] 
     return load_config(cls, args.config, [*extra, *args.overrides])
 
 
-# What a start writes before it trains: a directory holding only these (empty, for the
-# metrics and folders) is what a start that stopped on its data or config left behind.
-_START_FILES = ("config.yaml", "data_report.json")
+# What a start writes before its first checkpoint: a directory holding only these (empty, for
+# the folders) is what a start that stopped on its data, its config or an error in its first
+# steps left behind. Metrics lines without a checkpoint cannot be continued (the steps they log
+# are redone from step 0), so they do not make a run worth keeping.
+_START_FILES = ("config.yaml", "data_report.json", "metrics.jsonl")
 _START_DIRS = ("checkpoints", "previews")  # checkpoints/: only temp files of an interrupted save
 _FOLD_DIR = re.compile(r"fold_\d+")
 
 
 def _blocker(d: Path) -> Path | None:
-    """The first entry of ``d`` that belongs to a run that trained (a checkpoint, metrics lines,
-    best.pt, encoder.pt, landmark.pt, results, previews) or to something else; None if ``d`` holds
-    only what a failed start leaves (fold_k folders are looked into)."""
+    """The first entry of ``d`` that belongs to a run that can be continued or has results (a
+    checkpoint, best.pt, encoder.pt, landmark.pt, results, previews) or to something else; None if
+    ``d`` holds only what a failed start leaves (config, data report, metrics lines of steps never
+    checkpointed; fold_k folders are looked into)."""
     for p in sorted(d.iterdir()):
         if p.is_file() and p.name in _START_FILES:
-            continue
-        if p.is_file() and p.name == "metrics.jsonl":
-            with open(p, "rb") as f:
-                if f.read(4096).strip():
-                    return p
             continue
         if p.is_dir() and not p.is_symlink() and p.name in _START_DIRS:
             files = sorted(q for q in p.rglob("*") if not q.is_dir())
@@ -85,13 +83,18 @@ def _is_run_output(rel: Path) -> bool:
     return rel.name in names or rel.suffix == ".pt" or any(part in _START_DIRS for part in rel.parts)
 
 
-def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt") -> Path:
+_CHECKPOINT = "checkpoints/last.pt"
+
+
+def prepare_run_dir(out: Path, resume: bool, marker: str = _CHECKPOINT) -> Path:
     """Refuse to write into a directory holding another run unless resuming it.
 
-    A directory holding only the leftovers of a start that never trained (``config.yaml``,
-    ``data_report.json``, an empty ``metrics.jsonl``, empty ``checkpoints/`` or ``previews/``)
-    is reused for a fresh start: the leftovers are removed, so the corrected rerun of a start
-    that failed on its data needs no new ``--out``.
+    A directory holding only the leftovers of a start that never saved a checkpoint
+    (``config.yaml``, ``data_report.json``, ``metrics.jsonl``, empty ``checkpoints/`` or
+    ``previews/``) is reused for a fresh start: the leftovers are removed, so the corrected rerun
+    of a start that failed on its data needs no new ``--out``. ``resume`` on a directory without
+    ``marker`` (no checkpoint: nothing to continue) starts from step 0 in it, leaving the
+    leftovers to be overwritten; finished outputs or foreign files are refused either way.
 
     Only rank 0 checks: under torchrun the other ranks start while rank 0 already writes into it.
     """
@@ -99,21 +102,27 @@ def prepare_run_dir(out: Path, resume: bool, marker: str = "checkpoints/last.pt"
     if not is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         return out
-    if resume:
-        if not (out / marker).exists():
-            raise SystemExit(f"error: --resume given but {out / marker} does not exist")
+    if resume and (out / marker).exists():
         return out
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; expected a run directory")
+    blocker = _blocker(out) if out.exists() and any(out.iterdir()) else None
+    if blocker is not None:
+        rel = blocker.relative_to(out)
+        what = "a run" if _is_run_output(rel) else "files that are not from a run"
+        if resume:
+            raise SystemExit(f"error: --resume given but {out / marker} does not exist, and {out} holds {what} "
+                             f"({rel}); choose a new --out (nothing was overwritten)")
+        raise SystemExit(
+            f"error: {out} is not empty: it holds {what} ({rel}); choose a new --out, "
+            "or pass --resume to continue the run in it (nothing was overwritten)"
+        )
+    if resume:
+        if marker != _CHECKPOINT:  # the trainer says so itself when it finds no checkpoint to load
+            log.info("--resume: %s holds no %s; starting from step 0", out, marker)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
     if out.exists() and any(out.iterdir()):
-        blocker = _blocker(out)
-        if blocker is not None:
-            rel = blocker.relative_to(out)
-            what = "a run" if _is_run_output(rel) else "files that are not from a run"
-            raise SystemExit(
-                f"error: {out} is not empty: it holds {what} ({rel}); choose a new --out, "
-                "or pass --resume to continue the run in it (nothing was overwritten)"
-            )
         leftovers = sorted(out.iterdir())
         for p in leftovers:
             if p.is_dir() and not p.is_symlink():

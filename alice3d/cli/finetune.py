@@ -25,9 +25,14 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="alice3d-finetune",
         description="Fine-tune UNETR / Swin UNETR / nnFormer (or an encoder classifier) on a task, optionally "
                     "from a pretrained encoder.pt. Without --data-root the btcv task runs on the embedded "
-                    "phantom cohort with CPU-sized settings. Subcommand: 'alice3d-finetune predict --help'.",
+                    "phantom cohort with CPU-sized settings; on real data the task geometry (task.spacing, "
+                    "task.roi) defaults to a CPU-sized one when training on the CPU and to the GPU recipe's on "
+                    "CUDA. Subcommand: 'alice3d-finetune predict --help'.",
     )
-    p.add_argument("--task", default=None, help="btcv | flare22 | classification | custom (task.name)")
+    p.add_argument("--task", default=None,
+                   help="btcv | flare22 | classification | custom (task.name); custom: organ names from "
+                        "task.labels=[a,b,...] or the datalist's Decathlon 'labels' field, right/left pairs from "
+                        "the names or task.lateral_pairs=[[R,L],...]")
     p.add_argument("--data-root", default=None,
                    help="folder holding dataset_0.json (BTCV layout), a datalist JSON, or a plain folder with "
                         "imagesTr/ + labelsTr/ (last 20%% of the cases validate) (data.data)")
@@ -48,11 +53,14 @@ def _train_parser() -> argparse.ArgumentParser:
 def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alice3d-finetune predict",
-        description="Segment one image with a fine-tuning run's best.pt; the output has the input's shape and "
-                    "affine (any orientation/spacing) and the task's label ids.",
+        description="Segment one image (NIfTI/.mha/.nrrd file or DICOM series folder) with a fine-tuning run's "
+                    "best.pt; the output has the input's shape and affine (any orientation/spacing) and the task's "
+                    "label ids.",
     )
     p.add_argument("--run", type=Path, required=True, help="fine-tuning run directory (holding best.pt)")
-    p.add_argument("--image", type=Path, required=True, help="CT image (.nii/.nii.gz or an ITK format)")
+    p.add_argument("--image", type=Path, required=True,
+                   help="CT image: a NIfTI (.nii/.nii.gz), .mha or .nrrd file, or a DICOM series folder "
+                        "(the folder holding one series' slice files)")
     p.add_argument("--out", type=Path, required=True, help="segmentation file to write (e.g. SEG.nii.gz)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -3,8 +3,9 @@
 Defaults are CPU-sized (tiny networks on the embedded phantom cohort); the paper's
 recipes live in ``configs/finetune/btcv_{unetr,swin_unetr,nnformer}.yaml``. Task
 geometry left empty (``task.spacing``, ``task.roi``, ``task.hu_window``) means "the
-task preset's value"; :func:`resolve` fills it in so the run's ``config.yaml`` records
-what was actually used.
+task preset's value for this device"; resolving the task fills it in (and, for a custom
+task, the label names and lateral pairs) so the run's ``config.yaml`` records what was
+actually used.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ class FinetuneDataConfig:
 @dataclass
 class TaskConfig:
     name: str = "btcv"  # btcv | flare22 | classification | custom
-    labels: list[str] = field(default_factory=list)  # custom: organ names of ids 1..K
-    spacing: tuple[float, ...] = ()  # mm; () = task preset
-    roi: tuple[int, ...] = ()  # voxels; () = task preset
+    labels: list[str] = field(default_factory=list)  # custom: organ names of ids 1..K; [] = the datalist's "labels"
+    # () = task preset: the GPU geometry on CUDA, the CPU-sized one on the CPU and for the phantoms
+    spacing: tuple[float, ...] = ()  # mm
+    roi: tuple[int, ...] = ()  # voxels
+    # [[right_id, left_id], ...] exchanged by training flips; null = the preset's (btcv, flare22)
+    # or, for custom, pairs of label names differing by right/left (R/L); [] = none
+    lateral_pairs: list[list[int]] | None = None
     hu_window: tuple[float, ...] = ()  # (); = task preset
     nsd_tolerance_mm: float = 0.0  # 0 = task preset (1 mm)
     nsd_tolerance_per_organ: dict[str, float] = field(default_factory=dict)

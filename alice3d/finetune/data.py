@@ -10,6 +10,11 @@ the run stops before training.
 crop (MONAI BTCV recipe) of case ``perm_e[i % n]`` with ``e = i // n`` an epoch
 permutation, every random draw seeded by ``(seed, i)``, so a sample is a pure function
 of its index.
+
+Partial labels: a datalist entry may list the foreground ids its label map contours
+(``"contoured": [1, 2, 5]``); the other classes of that case are unknown, not background.
+Each prepared case and training sample carries them as ``known`` ``(K,)`` bool (id 0 always
+True; an entry without the list knows every class), which the loss and the metrics respect.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from torch.utils.data import Dataset
 
 from alice3d.data.datalists import scan_directory
 from alice3d.data.io import DataError, load_volume
-from alice3d.finetune.config import AugConfig, FinetuneDataConfig
-from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
-from alice3d.finetune.transforms import preprocess_transforms, train_random_transforms, training_view
+from alice3d.config import ConfigError
+from alice3d.finetune.config import AugConfig, FinetuneConfig, FinetuneDataConfig
+from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec, resolve_task
+from alice3d.finetune.transforms import KNOWN_KEY, preprocess_transforms, train_random_transforms, training_view
 from alice3d.runtime import progress
 
 log = logging.getLogger("alice3d.finetune")
@@ -41,17 +47,20 @@ _NII = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 @dataclass(frozen=True)
 class Case:
-    """One datalist entry; ``label`` is a label-map path (segmentation) or a class id."""
+    """One datalist entry; ``label`` is a label-map path (segmentation) or a class id;
+    ``contoured``: the foreground ids its label map contours (None: every class)."""
 
     id: str
     image: str
     label: str | int | None = None
+    contoured: tuple[int, ...] | None = None
 
 
 @dataclass
 class Prepared:
     """A preprocessed case: image ``(C, *S)`` float in [0, 1], label ``(1, *S)`` float ids
-    (segmentation) or an int class (classification), on the task grid."""
+    (segmentation) or an int class (classification), on the task grid; ``known`` ``(K,)``
+    bool: the classes its label map contours (segmentation; background always True)."""
 
     id: str
     image: torch.Tensor
@@ -59,6 +68,12 @@ class Prepared:
     affine: np.ndarray
     spacing: tuple[float, ...]
     source: Case = field(repr=False, default=None)  # type: ignore[assignment]
+    known: torch.Tensor | None = None
+
+    @property
+    def partial(self) -> bool:
+        """True when the case leaves some class unknown."""
+        return self.known is not None and not bool(self.known.all())
 
 
 @dataclass
@@ -79,19 +94,110 @@ def case_id(path: str) -> str:
     return Path(name).stem
 
 
-def find_datalist(data: str, task: TaskSpec) -> Path | None:
+def find_datalist(data: str, task: TaskSpec | str) -> Path | None:
     """``data`` is a datalist JSON or a folder holding ``task.datalist_name`` (or dataset.json);
-    None for a folder without one (a plain image folder, see :func:`folder_lists`)."""
+    None for a folder without one (a plain image folder, see :func:`folder_lists`). ``task``
+    may be the datalist file name itself."""
+    name = task if isinstance(task, str) else task.datalist_name
     p = Path(data).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
-        for name in (task.datalist_name, "dataset.json"):
-            if (p / name).is_file():
-                return p / name
+        for candidate in (name, "dataset.json"):
+            if (p / candidate).is_file():
+                return p / candidate
         return None
-    raise DataError(f"{p}: data not found (expected a datalist JSON, a folder with {task.datalist_name} "
+    raise DataError(f"{p}: data not found (expected a datalist JSON, a folder with {name} "
                     "or a folder with imagesTr/ and labelsTr/)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the datalist: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed datalist JSON ({e})") from None
+
+
+def datalist_labels(path: str | Path) -> dict[int, str] | None:
+    """The Decathlon ``labels`` field of a datalist (``{"0": "background", "1": "Brainstem"}``)
+    as ``{0: "background", 1: "Brainstem"}``; None when the datalist has none. The ids must be
+    0..K without gaps (they are the network's output channels)."""
+    path = Path(path)
+    data = _read_json(path)
+    raw = data.get("labels") if isinstance(data, dict) else None
+    if raw is None:
+        return None
+    expected = 'expected {"0": "background", "1": "NAME", ...} with ids 0..K'
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: 'labels' must be a non-empty object; {expected}, got {raw!r}")
+    out: dict[int, str] = {}
+    for k, v in raw.items():
+        try:
+            i = int(str(k).strip())
+        except ValueError:
+            raise DataError(f"{path}: 'labels' key {k!r} is not a label id; {expected}") from None
+        if not isinstance(v, str) or not v.strip():
+            raise DataError(f"{path}: 'labels' entry {k!r} has no name ({v!r}); {expected}")
+        out[i] = v.strip()
+    if sorted(out) != list(range(len(out))) or len(out) < 2:
+        raise DataError(f"{path}: 'labels' ids {sorted(out)} are not 0..K without gaps (K >= 1); {expected}")
+    return dict(sorted(out.items()))
+
+
+def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    return [n.strip().lower() for n in a] == [n.strip().lower() for n in b]
+
+
+def custom_label_names(data: str, configured: Sequence[str], datalist_name: str) -> list[str]:
+    """Organ names of ids 1..K of a custom task: ``task.labels`` when given, else the
+    datalist's ``labels``; both given and different is a ConfigError naming both."""
+    configured = [str(n).strip() for n in configured if str(n).strip().lower() != "background"]
+    path = find_datalist(data, datalist_name or "dataset_0.json") if data else None
+    found = datalist_labels(path) if path is not None else None
+    if found is None:
+        return configured
+    names = [v for k, v in found.items() if k != 0]
+    if not configured:
+        log.info("task custom: %d classes from the 'labels' of %s: %s", len(found), path,
+                 ", ".join(f"{k}={v}" for k, v in found.items()))
+        return names
+    if not _same_names(configured, names):
+        raise ConfigError(
+            f"task.labels {configured} disagree with the 'labels' of {path} "
+            f"({', '.join(f'{k}={v}' for k, v in found.items() if k)}): drop task.labels to use the datalist's "
+            "names, or make the two lists name the same organs in the same id order"
+        )
+    return configured
+
+
+def device_type(name: str) -> str:
+    """``train.device`` -> ``"cpu"`` or ``"cuda"`` (``auto``: CUDA when available); the trainer
+    reports an unusable value."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu" if name == "cpu" else ""
+
+
+def task_from_config(cfg: FinetuneConfig) -> TaskSpec:
+    """The task of ``cfg``, with what was left empty filled in from what is used: geometry
+    (for the device ``train.device`` resolves to, or the phantom cohort), a custom task's label
+    names (from the datalist's ``labels`` when ``task.labels`` is empty) and the lateral pairs."""
+    t = cfg.task
+    labels = list(t.labels)
+    if t.name == "custom":
+        labels = custom_label_names(cfg.data.data, labels, t.datalist)
+    task = resolve_task(t.name, labels=labels, spacing=t.spacing, roi=t.roi, hu_window=t.hu_window,
+                        nsd_tolerance_mm=t.nsd_tolerance_mm, nsd_tolerance_per_organ=t.nsd_tolerance_per_organ,
+                        datalist_name=t.datalist, phantom=not cfg.data.data, lateral_pairs=t.lateral_pairs,
+                        device=device_type(cfg.train.device))
+    t.spacing, t.roi, t.hu_window = tuple(task.spacing), tuple(task.roi), tuple(task.hu_window)
+    t.lateral_pairs = [list(p) for p in task.lateral_pairs]
+    if t.name == "custom":
+        t.labels = list(task.foreground.values())
+    return task
 
 
 def validation_count(n: int) -> int:
@@ -149,6 +255,32 @@ def _resolve(base: Path, p: Any) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+def known_classes(contoured: Sequence[int] | None, num_classes: int) -> torch.Tensor:
+    """``(num_classes,)`` bool: background and the ``contoured`` ids True (None: all True)."""
+    known = torch.ones(num_classes, dtype=torch.bool)
+    if contoured is not None:
+        known[1:] = False
+        known[list(contoured)] = True
+    return known
+
+
+def _contoured(item: dict, path: Path, key: str, i: int, task: TaskSpec) -> tuple[int, ...] | None:
+    """The entry's ``contoured`` ids, checked against the task's foreground ids."""
+    raw = item.get("contoured")
+    if raw is None:
+        return None
+    ids = sorted(task.foreground)
+    where = f"{path}: entry {i} of '{key}' ({item['image']})"
+    expected = f"expected a list of the foreground label ids the case contours, from {ids}, e.g. [1, 2]"
+    if not isinstance(raw, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in raw):
+        raise DataError(f"{where} has 'contoured' {raw!r}; {expected}")
+    bad = sorted({v for v in raw if v != 0 and v not in task.foreground})
+    if bad:
+        raise DataError(f"{where} has 'contoured' ids {bad} that are not foreground labels of task "
+                        f"{task.name!r}; {expected}")
+    return tuple(sorted({v for v in raw if v != 0}))  # background is always known
+
+
 def _entry(item: Any, base: Path, path: Path, key: str, i: int, task: TaskSpec) -> Case:
     if isinstance(item, str):
         item = {"image": item}
@@ -170,7 +302,8 @@ def _entry(item: Any, base: Path, path: Path, key: str, i: int, task: TaskSpec) 
         label = _resolve(base, label)
     elif key != "test":
         raise DataError(f"{path}: entry {i} of '{key}' ({item['image']}) has no 'label' map")
-    return Case(id=case_id(image), image=image, label=label)
+    contoured = _contoured(item, path, key, i, task) if task.kind != CLASSIFICATION else None
+    return Case(id=case_id(image), image=image, label=label, contoured=contoured)
 
 
 def read_datalist(path: str | Path, task: TaskSpec) -> dict[str, list[Case]]:
@@ -179,12 +312,7 @@ def read_datalist(path: str | Path, task: TaskSpec) -> dict[str, list[Case]]:
     Paths are relative to the datalist's folder (MONAI's convention).
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the datalist: {e}") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed datalist JSON ({e})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("training"), list):
         raise DataError(f"{path}: expected a JSON object with a 'training' list (Decathlon/BTCV datalist)")
     out: dict[str, list[Case]] = {}
@@ -260,6 +388,19 @@ def check_label_ids(label: np.ndarray, task: TaskSpec, path: str) -> None:
         )
 
 
+def check_contoured(label: np.ndarray, case: Case, task: TaskSpec) -> None:
+    """A label map may hold only background and the ids its case contours."""
+    if case.contoured is None:
+        return
+    ids = set(np.unique(label).astype(int).tolist())
+    extra = sorted(ids - {0, *case.contoured})
+    if extra:
+        names = ", ".join(f"{k}={task.labels[k]}" for k in extra if k in task.labels)
+        raise DataError(f"{case.label}: label ids {extra} ({names}) are drawn but the datalist entry's 'contoured' "
+                        f"list is {list(case.contoured)}; a class a case does not contour cannot have voxels: add the "
+                        "ids to 'contoured' (or drop the list if the case contours every class)")
+
+
 def prepare_case(case: Case, task: TaskSpec) -> Prepared:
     """Load, check and preprocess one case (raises DataError naming its files)."""
     seg = task.kind != CLASSIFICATION
@@ -271,6 +412,7 @@ def prepare_case(case: Case, task: TaskSpec) -> Prepared:
     data = {"image": _meta_tensor(vol.array, vol.affine, case.image)}
     if seg:
         check_label_ids(vol.label, task, str(case.label))
+        check_contoured(vol.label, case, task)
         data["label"] = _meta_tensor(vol.label, vol.affine, str(case.label))
     elif case.label not in task.labels:
         raise DataError(f"{case.image}: class label {case.label!r} is not a class of task {task.name!r} "
@@ -281,7 +423,8 @@ def prepare_case(case: Case, task: TaskSpec) -> Prepared:
     nd = image.ndim - 1
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:nd, :nd], axis=0))
     label: torch.Tensor | int = out["label"].as_tensor().float().contiguous() if seg else int(case.label)
-    return Prepared(case.id, image.as_tensor().float().contiguous(), label, affine, spacing, case)
+    known = known_classes(case.contoured, task.num_classes) if seg else None
+    return Prepared(case.id, image.as_tensor().float().contiguous(), label, affine, spacing, case, known)
 
 
 def prepare_cases(cases: Sequence[Case], task: TaskSpec, on_bad_data: str, what: str) -> tuple[list[Prepared], dict[str, str]]:
@@ -310,7 +453,9 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class TrainSamples(Dataset):
-    """Map-style dataset of training samples ``{"image": (C, *roi), "label": (1, *roi) | ()}``.
+    """Map-style dataset of training samples ``{"image": (C, *roi), "label": (1, *roi) | ()}``,
+    segmentation samples with ``"known": (K,)`` bool too (the classes the case contours,
+    exchanged with the labels by lateral flips; all True for a case without a ``known``).
 
     ``get_case(k)`` returns case k (segmentation: as :func:`training_view`, classification:
     a :class:`Prepared`).
@@ -338,7 +483,10 @@ class TrainSamples(Dataset):
         out = self.random(dict(case))
         if isinstance(out, list):
             out = out[0]
-        return {"image": _plain(out["image"]).float().contiguous(), "label": _plain(out["label"]).float().contiguous()}
+        known = out.get(KNOWN_KEY)
+        known = torch.ones(self.task.num_classes, dtype=torch.bool) if known is None else _plain(known).bool()
+        return {"image": _plain(out["image"]).float().contiguous(), "label": _plain(out["label"]).float().contiguous(),
+                "known": known}
 
 
 def _plain(x: Any) -> torch.Tensor:
@@ -349,7 +497,10 @@ def _plain(x: Any) -> torch.Tensor:
 def _for_training(case: Prepared, task: TaskSpec) -> Any:
     if task.kind == CLASSIFICATION:
         return case
-    return training_view(case.image, case.label, task, seed=zlib.crc32(case.id.encode()))
+    view = training_view(case.image, case.label, task, seed=zlib.crc32(case.id.encode()))
+    if case.known is not None:
+        view[KNOWN_KEY] = case.known.clone()
+    return view
 
 
 def case_store(cases: Sequence[Case], prepared: Sequence[Prepared] | None, task: TaskSpec) -> Callable[[int], Any]:

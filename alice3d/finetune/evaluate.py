@@ -1,7 +1,9 @@
 """Validation: sliding-window inference at the task ROI, per-organ Dice/NSD, AUC, reports.
 
 Segmentation metrics are computed on the task grid (after orientation, resampling and
-foreground crop), with the grid's voxel spacing passed to NSD.
+foreground crop), with the grid's voxel spacing passed to NSD. With partial labels an organ
+is scored only in the cases that contour it, and the mean Dice that selects ``best.pt``
+averages the organs' own means over those cases.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def evaluate_segmentation(model: Any, cases: Sequence[Prepared], task: TaskSpec,
         for k, case in enumerate(cases):
             pred = predict_case(model, case, task, ecfg)
             gt = case.label[0].round().long()
-            per_case[case.id] = case_metrics(pred, gt, task.foreground, task.tolerances(), case.spacing)
+            # A class the case does not contour is unknown there: not scored (see metrics).
+            per_case[case.id] = case_metrics(pred, gt, task.foreground, task.tolerances(), case.spacing,
+                                             known=case.known)
             if k < keep_predictions:
                 kept[case.id] = pred.to(torch.int16)
     finally:

@@ -7,7 +7,10 @@ Conventions (per case and organ):
 - organ absent from the ground truth but predicted (or the reverse): 0 for Dice and NSD,
   so false positives are never hidden;
 - NSD uses MONAI's ``SurfaceDiceMetric`` with one tolerance in mm per organ and the
-  voxel spacing of the arrays compared.
+  voxel spacing of the arrays compared;
+- partial labels: an organ the case does not contour is unknown there, so it gets no Dice
+  or NSD in that case (None, listed under the case's ``"not_contoured"``), whatever is
+  predicted; its mean is over the cases that contour it, and ``n_contoured`` says how many.
 
 Label maps are integer arrays/tensors ``(*S)`` (or ``(1, *S)``) of task label ids.
 """
@@ -87,17 +90,37 @@ def nsd_per_class(pred: Any, gt: Any, class_ids: Sequence[int], tolerances_mm: S
     return out
 
 
+def _known_ids(known: Any) -> set[int]:
+    """Label ids of a ``(K,)`` bool vector (True = known) or of an id list."""
+    arr = np.asarray(known.detach().cpu() if torch.is_tensor(known) else known)
+    if arr.dtype == bool:
+        return {int(i) for i in np.flatnonzero(arr)}
+    return {int(i) for i in arr.reshape(-1)}
+
+
 def case_metrics(pred: Any, gt: Any, organs: dict[int, str], tolerances_mm: Sequence[float],
-                 spacing: Sequence[float]) -> dict[str, dict[str, float | None]]:
-    """``{"dice": {organ: value|None}, "nsd": {...}}`` for one case (None = not applicable)."""
+                 spacing: Sequence[float], known: Any = None) -> dict[str, Any]:
+    """``{"dice": {organ: value|None}, "nsd": {...}}`` for one case (None = not applicable).
+
+    ``known``: the label ids the case contours, as ids or a ``(K,)`` bool vector indexed by
+    label id (None: every organ). Organs outside it are not scored (None) and are listed
+    under ``"not_contoured"`` (a key present only when there are some).
+    """
     ids = list(organs)
-    dice = dice_per_class(pred, gt, ids)
-    nsd = nsd_per_class(pred, gt, ids, tolerances_mm, spacing)
+    if len(tolerances_mm) != len(ids):
+        raise ValueError(f"nsd: {len(tolerances_mm)} tolerances for {len(ids)} classes")
+    scored = ids if known is None else [c for c in ids if c in _known_ids(known)]
+    tol = dict(zip(ids, tolerances_mm))
+    dice = dict(zip(scored, dice_per_class(pred, gt, scored))) if scored else {}
+    nsd = dict(zip(scored, nsd_per_class(pred, gt, scored, [tol[c] for c in scored], spacing))) if scored else {}
 
-    def named(values: np.ndarray) -> dict[str, float | None]:
-        return {organs[c]: (None if math.isnan(v) else float(v)) for c, v in zip(ids, values)}
+    def named(values: dict[int, float]) -> dict[str, float | None]:
+        return {organs[c]: (None if c not in values or math.isnan(values[c]) else float(values[c])) for c in ids}
 
-    return {"dice": named(dice), "nsd": named(nsd)}
+    out: dict[str, Any] = {"dice": named(dice), "nsd": named(nsd)}
+    if len(scored) < len(ids):
+        out["not_contoured"] = [organs[c] for c in ids if c not in scored]
+    return out
 
 
 def _stats(values: list[float | None]) -> dict[str, float | int | None]:
@@ -107,23 +130,32 @@ def _stats(values: list[float | None]) -> dict[str, float | int | None]:
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
 
 
-def aggregate(cases: dict[str, dict[str, dict[str, float | None]]], organ_names: Sequence[str]) -> dict[str, Any]:
-    """Per-organ mean/std/count over cases, then the mean over organs that have a value.
+def aggregate(cases: dict[str, dict[str, Any]], organ_names: Sequence[str]) -> dict[str, Any]:
+    """Per-organ mean/std/count over cases, then the mean over organs that have a value
+    (each organ's own mean counts once, however many cases it was measured on).
 
-    ``cases``: case id -> output of :func:`case_metrics`.
+    ``cases``: case id -> output of :func:`case_metrics`. ``n`` counts the cases an organ was
+    measured on; with partial labels (some case has ``"not_contoured"``) each organ also gets
+    ``n_contoured``, the cases that contour it, and the result ``"partial_labels": True``.
     """
+    partial = any(c.get("not_contoured") for c in cases.values())
     per_organ = {}
     for organ in organ_names:
         per_organ[organ] = {
             "dice": _stats([c["dice"].get(organ) for c in cases.values()]),
             "nsd": _stats([c["nsd"].get(organ) for c in cases.values()]),
         }
+        if partial:
+            per_organ[organ]["n_contoured"] = sum(organ not in c.get("not_contoured", ()) for c in cases.values())
 
     def mean_over(kind: str) -> float | None:
         vals = [o[kind]["mean"] for o in per_organ.values() if o[kind]["mean"] is not None]
         return float(np.mean(vals)) if vals else None
 
-    return {"mean_dice": mean_over("dice"), "mean_nsd": mean_over("nsd"), "per_organ": per_organ}
+    out = {"mean_dice": mean_over("dice"), "mean_nsd": mean_over("nsd"), "per_organ": per_organ}
+    if partial:
+        out["partial_labels"] = True
+    return out
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -148,12 +180,20 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"# {results.get('task', 'task')} — {results.get('model', '')}", ""]
     lines.append(f"Validation cases: {results.get('n_cases', 0)} evaluated"
                  + (f", {len(results.get('bad_cases', {}))} bad (listed below)" if results.get("bad_cases") else ""))
-    lines += ["", "| organ | Dice (%) | NSD (%) | tolerance (mm) | cases |", "|---|---:|---:|---:|---:|"]
+    partial = bool(agg.get("partial_labels"))
+    if partial:
+        lines += ["", "Partial labels: an organ a case does not contour is left out of that case's Dice and NSD; "
+                  "'cases' counts the cases each organ was measured on, 'contoured' the cases that contour it."]
+    extra = (" contoured |", "---:|") if partial else ("", "")
+    lines += ["", "| organ | Dice (%) | NSD (%) | tolerance (mm) | cases |" + extra[0],
+              "|---|---:|---:|---:|---:|" + extra[1]]
     tol = results.get("nsd_tolerance_mm", {})
     for organ, m in agg["per_organ"].items():
-        lines.append(f"| {organ} | {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])} | "
-                     f"{_fmt(m['nsd']['mean'])} ± {_fmt(m['nsd']['std'])} | {tol.get(organ, '')} | {m['dice']['n']} |")
-    lines.append(f"| **mean** | **{_fmt(agg['mean_dice'])}** | **{_fmt(agg['mean_nsd'])}** | | |")
+        row = (f"| {organ} | {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])} | "
+               f"{_fmt(m['nsd']['mean'])} ± {_fmt(m['nsd']['std'])} | {tol.get(organ, '')} | {m['dice']['n']} |")
+        lines.append(row + (f" {m.get('n_contoured', '')} |" if partial else ""))
+    lines.append(f"| **mean** | **{_fmt(agg['mean_dice'])}** | **{_fmt(agg['mean_nsd'])}** | | |"
+                 + (" |" if partial else ""))
     if results.get("bad_cases"):
         lines += ["", "Bad cases (not evaluated):", ""]
         lines += [f"- {cid}: {why}" for cid, why in results["bad_cases"].items()]

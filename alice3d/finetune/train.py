@@ -22,7 +22,16 @@ from alice3d.core.schedules import cosine_warmup_factor
 from alice3d.encoders.files import load_encoder
 from alice3d.finetune import phantom_tasks
 from alice3d.finetune.config import FinetuneConfig
-from alice3d.finetune.data import Prepared, Split, TrainSamples, case_store, load_lists, make_splits, prepare_cases
+from alice3d.finetune.data import (
+    Prepared,
+    Split,
+    TrainSamples,
+    case_store,
+    load_lists,
+    make_splits,
+    prepare_cases,
+    task_from_config,
+)
 from alice3d.finetune.evaluate import (
     evaluate_classification,
     evaluate_segmentation,
@@ -33,7 +42,7 @@ from alice3d.finetune.evaluate import (
 from alice3d.finetune.metrics import aggregate, roc_auc
 from alice3d.finetune.models import build_network, count_parameters, encoder_module, network_spec
 from alice3d.finetune.objectives import ClassificationTask, SegmentationTask
-from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec, resolve_task
+from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
 from alice3d.finetune.transfer import TransferReport, transfer_encoder
 from alice3d.train.checkpoint import load_checkpoint
 from alice3d.train.optim import param_groups
@@ -53,13 +62,9 @@ class Encoder:
 
 
 def resolve_task_config(cfg: FinetuneConfig) -> TaskSpec:
-    """The task of ``cfg``; empty geometry fields are filled in with what is used."""
-    t = cfg.task
-    task = resolve_task(t.name, labels=t.labels, spacing=t.spacing, roi=t.roi, hu_window=t.hu_window,
-                        nsd_tolerance_mm=t.nsd_tolerance_mm, nsd_tolerance_per_organ=t.nsd_tolerance_per_organ,
-                        datalist_name=t.datalist, phantom=not cfg.data.data)
-    t.spacing, t.roi, t.hu_window = tuple(task.spacing), tuple(task.roi), tuple(task.hu_window)
-    return task
+    """The task of ``cfg``; empty fields are filled in with what is used (see
+    :func:`alice3d.finetune.data.task_from_config`: device-sized geometry, datalist labels)."""
+    return task_from_config(cfg)
 
 
 def load_pretrained(cfg: FinetuneConfig) -> Encoder | None:
@@ -193,11 +198,19 @@ def run_split(cfg: FinetuneConfig, task: TaskSpec, split: Split, run_dir: Path, 
     on_bad = cfg.data.on_bad_data
     train_ok, bad_train = prepare_cases(split.train, task, on_bad, "training")
     val_ok, bad_val = prepare_cases(split.val, task, on_bad, "validation")
+    partial = {c.id: [task.labels[k] for k in range(task.num_classes) if not bool(c.known[k])]
+               for c in train_ok + val_ok if c.partial}
+    if partial:
+        log.info("partial labels: %d of %d cases contour only some classes (the others are unknown there: left out "
+                 "of their loss and of their Dice/NSD; see data_report.json 'not_contoured')",
+                 len(partial), len(train_ok) + len(val_ok))
     if is_main_process():  # only now: a start that fails on its data leaves nothing behind
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "data_report.json").write_text(json.dumps(
-            {"bad_training_cases": bad_train, "bad_validation_cases": bad_val,
-             "training_cases": [c.id for c in train_ok], "validation_cases": [c.id for c in val_ok]}, indent=2))
+        report = {"bad_training_cases": bad_train, "bad_validation_cases": bad_val,
+                  "training_cases": [c.id for c in train_ok], "validation_cases": [c.id for c in val_ok]}
+        if partial:
+            report["not_contoured"] = partial
+        (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
     cached = cfg.data.cache == "memory"
     store = case_store([c.source for c in train_ok], train_ok if cached else None, task)
     dataset = TrainSamples(len(train_ok), store, task, cfg.aug, cfg.train.seed)

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from alice3d.core.pos_embed import interpolate_pos_embed
+from alice3d.encoders.registry import ENCODERS, EncoderFamily
 from alice3d.finetune.models import UNETR_PATCH, EncoderMismatchError, encoder_module, vit_grid
 
-POS_EMBED_KEY = "patch_embedding.position_embeddings"
+POS_EMBED_KEY = ENCODERS["vit"].pos_embed_key
 
 
 @dataclass
@@ -84,13 +85,10 @@ def _file_vit_grid(meta: dict[str, Any], tokens: int, source: str) -> tuple[int,
     return grid
 
 
-def _target_vit_grid(spec: dict[str, Any]) -> tuple[int, ...]:
-    """Token grid of the network's ViT, from its spec (UNETR: patch 16)."""
+def _target_grid(family: EncoderFamily, spec: dict[str, Any]) -> tuple[int, ...]:
+    """Token grid of the network's encoder, from its spec (the classifier's: its encoder args)."""
     args = spec["args"]
-    if spec["name"] == "unetr":
-        return vit_grid(args["img_size"], UNETR_PATCH)
-    enc = args["encoder_args"]
-    return vit_grid(enc["img_size"], enc.get("patch_size", UNETR_PATCH))
+    return family.token_grid(args["encoder_args"] if spec["name"] == "classifier" else args)
 
 
 def transfer_encoder(
@@ -108,14 +106,16 @@ def transfer_encoder(
     report.missing = sorted(set(want) - set(state_dict))
     report.unexpected = sorted(set(state_dict) - set(want))
     ready: dict[str, torch.Tensor] = {}
+    family = ENCODERS.get(meta.get("arch"))
+    table = family.pos_embed_key if family is not None else None
     for key in sorted(set(want) & set(state_dict)):
         src, dst = state_dict[key], want[key]
         if tuple(src.shape) == tuple(dst.shape):
             ready[key] = src
             continue
-        if key.endswith(POS_EMBED_KEY) and meta.get("arch") == "vit" and src.ndim == 3 and src.shape[-1] == dst.shape[-1]:
+        if table and key.endswith(table) and src.ndim == 3 and src.shape[-1] == dst.shape[-1]:
             old = _file_vit_grid(meta, src.shape[1], source)
-            new = _target_vit_grid(spec)
+            new = _target_grid(family, spec)
             ready[key] = interpolate_pos_embed(src.float(), old, new).to(dst.dtype)
             report.adapted[key] = (list(src.shape), list(dst.shape))
             continue

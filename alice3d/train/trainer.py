@@ -34,10 +34,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from alice3d.config import TrainConfig, to_dict
+from alice3d.config import ConfigError, TrainConfig, save_config, to_dict
 from alice3d.core.dist import DistInfo, comm_failure_message, init_distributed, is_comm_failure, rank, resolve_device
 from alice3d.errors import Alice3DError, PeerFailure
-from alice3d.runtime import Progress
+from alice3d.runtime import (
+    Progress,
+    StepTimeMonitor,
+    auto_num_threads,
+    cpu_oversubscription,
+    load_average,
+    local_processes,
+    single_threaded_children,
+    slowdown_message,
+    usable_cores,
+)
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from alice3d.train.collapse import CollapseMonitor
 from alice3d.train.module import BatchDataset, TrainModule
@@ -50,7 +60,7 @@ log = logging.getLogger("alice3d.train")
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.ckpt_every", "train.log_every", "train.preview_every",
     "train.eval_every", "train.device", "train.num_workers", "train.dist_timeout_s",
-    "train.tensorboard", "train.max_bad_steps", "data.on_bad_data", "data.cache",
+    "train.tensorboard", "train.max_bad_steps", "train.num_threads", "data.on_bad_data", "data.cache",
 }
 
 
@@ -88,6 +98,28 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
+
+
+def _unwrap_worker_error(e: Alice3DError) -> Alice3DError:
+    """A DataLoader worker's error with the message the worker raised it with.
+
+    torch re-raises a worker's exception in the main process as ``type(e)("Caught X in DataLoader
+    worker process N.\nOriginal Traceback ...")``, which would put the worker's whole traceback into
+    the run's one error line; the traceback goes to the debug log instead.
+    """
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return e
+    cls = type(e)
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    at = text.rfind(marker)
+    if at < 0:
+        return e
+    log.debug("%s", text)
+    try:
+        return cls(text[at + len(marker):].rstrip("\n"))
+    except Exception:  # noqa: BLE001 - a class that takes other arguments keeps the long message
+        return e
 
 
 class _StepBatches(Sampler):
@@ -197,6 +229,12 @@ class Trainer:
         self.collapse = CollapseMonitor()  # warns when a siamese target's `target_std` stays low
         self._consecutive_bad = 0  # non-finite steps in a row (train_step may run outside fit)
         self._t_last = time.perf_counter()
+        self._saved_step = -1  # step of the last checkpoint this process wrote
+        # True while the model, optimizer and logs hold exactly the state after the last completed
+        # step (False from an update's start to the end of its bookkeeping): what may be saved
+        # when the loop stops on an error.
+        self._resumable = True
+        self.num_threads = 0  # torch threads chosen by fit()
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
@@ -218,7 +256,29 @@ class Trainer:
         if self.dist.is_main:
             atomic_save(self.state(step), self.ckpt_path)
             log.info("checkpoint saved at step %d: %s", step, self.ckpt_path)
+        self._saved_step = step
         self._barrier()
+
+    def _save_after_error(self, done: int, error: BaseException) -> None:
+        """Save step ``done``'s state when the loop stops on ``error`` with that state intact (the
+        error came before the next update touched it); the error itself is re-raised by the caller.
+
+        Not after a communication failure (another rank is gone; the others could not follow a
+        collective), nor after non-finite steps (the last good checkpoint stays the last one).
+        Only the main process writes, without a barrier: the other ranks may not have failed.
+        """
+        if (done < 1 or done <= self._saved_step or not self._resumable or self._consecutive_bad
+                or isinstance(error, PeerFailure) or not self.dist.is_main):
+            return
+        try:
+            atomic_save(self.state(done), self.ckpt_path)
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log.error("could not save a checkpoint after the error (%s: %s); the last one is %s",
+                      type(e).__name__, e, f"at step {self._saved_step}" if self._saved_step > 0 else "none")
+            return
+        self._saved_step = done
+        log.warning("the run stopped on an error after step %d; checkpoint saved: %s (fix the cause, then continue "
+                    "with the same command plus --resume)", done, self.ckpt_path)
 
     def _run_type(self) -> str:
         """Which command's config the run has (a pretraining checkpoint never resumes a fine-tuning run)."""
@@ -314,10 +374,15 @@ class Trainer:
             for stale in self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
         start = 0
-        if resume:
-            if not self.ckpt_path.exists():
-                raise TrainingError(f"--resume given but {self.ckpt_path} does not exist")
+        if resume and not self.ckpt_path.exists():
+            # A start that stopped before its first checkpoint: nothing to continue, so start over
+            # (with this config, which the command did not write when resuming).
+            log.info("--resume: %s holds no checkpoint (%s); starting from step 0", self.run_dir, self.ckpt_path)
+            if self.full_config is not None and self.dist.is_main:
+                save_config(self.full_config, self.run_dir / "config.yaml")
+        elif resume:
             start = self._load()
+            self._saved_step = start  # already on disk: an error before the next step saves nothing new
             log.info("resuming from step %d (%s)", start, self.ckpt_path)
         elif self.ckpt_path.exists():
             raise TrainingError(
@@ -327,41 +392,97 @@ class Trainer:
         self._prepare_metrics(start)
         return start
 
+    def _set_threads(self) -> tuple[int, int]:
+        """Apply ``train.num_threads`` (0: this process's share of the node's usable cores) and warn
+        when the node is already too busy for it; returns ``(previous, chosen)`` torch threads."""
+        cfg = self.cfg
+        if cfg.num_threads < 0:
+            raise ConfigError(f"train.num_threads: expected 0 (automatic) or a number of threads >= 1, "
+                              f"got {cfg.num_threads}")
+        cores, procs, workers = usable_cores(), local_processes(), max(0, cfg.num_workers)
+        previous = torch.get_num_threads()
+        if cfg.num_threads > 0:
+            chosen, why = cfg.num_threads, "train.num_threads"
+        else:
+            share = auto_num_threads(cores, procs, workers)
+            chosen = auto_num_threads(cores, procs, workers, previous)
+            why = f"automatic: {cores} usable cores / ({procs} process(es) on this node x (1 + {workers} workers))"
+            if chosen < share:
+                why += f" = {share}, kept at the {previous} torch was set to (OMP_NUM_THREADS or torch.set_num_threads)"
+        if chosen != previous:
+            torch.set_num_threads(chosen)
+        self.num_threads = chosen
+        if self.dist.is_main:
+            log.info("torch threads per process: %d (%s)%s", chosen, why,
+                     "; DataLoader workers run single-threaded" if workers else "")
+            busy = cpu_oversubscription(load_average(), cores, procs * (chosen + workers))
+            if busy:
+                log.warning("%s", busy)
+        return previous, chosen
+
+    def _watch_step_time(self, monitor: StepTimeMonitor, seconds: float) -> None:
+        found = monitor.observe(seconds, time.monotonic())
+        if found is not None and self.dist.is_main:
+            log.warning("%s", slowdown_message(found[0], found[1], load_average(), usable_cores(), self.num_threads,
+                                               local_processes(), max(0, self.cfg.num_workers)))
+
     def fit(self, dataset: Dataset, resume: bool = False) -> TrainResult:
-        """Train from step 0 (or the last checkpoint with ``resume``) to ``train.max_steps``."""
+        """Train from step 0 (or the last checkpoint with ``resume``) to ``train.max_steps``.
+
+        An error in the loop after step 1 saves the last completed step's state first (when the
+        error left it intact), so ``--resume`` continues from there.
+        """
         cfg = self.cfg
         start = self._begin(resume)
         result = TrainResult(step=start, skipped_steps=self.skipped_steps, best=self.best)
         if start >= cfg.max_steps:
             log.info("nothing to do: step %d >= train.max_steps=%d", start, cfg.max_steps)
             return result
+        previous_threads, _ = self._set_threads()
+        try:
+            return self._fit_loop(dataset, start, result)
+        finally:
+            if torch.get_num_threads() != previous_threads:
+                torch.set_num_threads(previous_threads)
 
+    def _fit_loop(self, dataset: Dataset, start: int, result: TrainResult) -> TrainResult:
+        cfg = self.cfg
         bar = Progress(cfg.max_steps, "train", initial=start, unit="step", logger=log, enabled=self.dist.is_main)
-        loader = iter(self._loader(dataset, start))
+        # Workers start here; each would otherwise run BLAS/OpenMP/blosc on every core.
+        with single_threaded_children() if cfg.num_workers > 0 else nullcontext():
+            loader = iter(self._loader(dataset, start))
         self._consecutive_bad = 0
+        self._resumable = True
         self._t_last = time.perf_counter()
+        monitor = StepTimeMonitor()
         last_batch = None
         with _SignalGuard() as guard:
             try:
                 for step in range(start, cfg.max_steps):
+                    t0 = time.perf_counter()
                     out = self.train_step(loader, step)
+                    self._watch_step_time(monitor, time.perf_counter() - t0)
                     last_batch = out.batch
                     result.step = step + 1
                     self.after_step(out, result, bar)
+                    self._resumable = True
                     if guard.received is not None:
                         self.save_checkpoint(result.step)
                         result.interrupted = True
                         result.signal_name = signal.Signals(guard.received).name
                         return result
+                # An error from here on is the end's (evaluation, final save): a rerun redoes the tail.
+                self._resumable = False
                 if self.evaluator is not None:
                     self.evaluate(result.step)
                 self.save_checkpoint(result.step)
                 if last_batch is not None:
                     self.write_preview(self.model, last_batch, result.step)
-            except RuntimeError as e:
+            except Exception as e:
                 ours = isinstance(e, (TrainingError, CheckpointError, PeerFailure))
-                if self.dist.enabled and not ours and is_comm_failure(e):
+                if self.dist.enabled and isinstance(e, RuntimeError) and not ours and is_comm_failure(e):
                     raise PeerFailure(comm_failure_message(e, self.dist.rank, cfg.dist_timeout_s)) from e
+                self._save_after_error(result.step, e)
                 raise
             finally:
                 bar.close()
@@ -379,7 +500,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         batch = None
         for micro in range(cfg.grad_accum):
-            batch = move_to(next(loader), self.device)
+            batch = move_to(self._next_batch(loader), self.device)
             sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
             ctx = nullcontext() if sync else self.train_model.no_sync()
             with ctx, self._autocast():
@@ -395,6 +516,7 @@ class Trainer:
             gnorm = torch.norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
         # One host sync per step: needed to decide whether to skip the update.
         finite = bool(torch.isfinite(terms["loss"]).item() and torch.isfinite(gnorm).item())
+        self._resumable = False  # from here on the state is step + 1's, complete once after_step is done
         if finite:
             self.optimizer.step()
             self._consecutive_bad = 0
@@ -404,6 +526,16 @@ class Trainer:
         if finite:
             self.model.update_target(step + 1, cfg.max_steps)
         return StepOutput(terms, gnorm, finite, batch)
+
+    @staticmethod
+    def _next_batch(loader: Iterator) -> Any:
+        try:
+            return next(loader)
+        except Alice3DError as e:
+            clean = _unwrap_worker_error(e)
+            if clean is e:
+                raise
+            raise clean from None
 
     def _skip_update(self, done: int, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -50,7 +50,8 @@ def test_an_empty_or_missing_directory_is_used(tmp_path):
     ({"encoder.pt": "w"}, "encoder.pt", "a run"),
     ({"landmark.pt": "w"}, "landmark.pt", "a run"),
     ({"results.json": "{}"}, "results.json", "a run"),
-    ({"config.yaml": "a: 1\n", "metrics.jsonl": '{"step": 1, "loss": 0.5}\n'}, "metrics.jsonl", "a run"),
+    ({"config.yaml": "a: 1\n", "metrics.jsonl": '{"step": 1, "loss": 0.5}\n', "checkpoints/last.pt": "ckpt"},
+     "checkpoints/last.pt", "a run"),
     ({"previews/step_0000004.png": "png"}, "previews/step_0000004.png", "a run"),
     ({"fold_0/config.yaml": "a: 1\n", "fold_1/checkpoints/last.pt": "ckpt"}, "fold_1/checkpoints/last.pt", "a run"),
     ({"config.yaml": "a: 1\n", "notes.txt": "mine"}, "notes.txt", "files that are not from a run"),
@@ -67,13 +68,42 @@ def test_a_run_or_foreign_files_are_refused_and_left_untouched(tmp_path, files, 
     assert _snapshot(out) == before
 
 
-def test_resume_needs_the_marker_and_touches_nothing(tmp_path):
+def test_metrics_lines_without_a_checkpoint_are_a_failed_start(tmp_path, caplog):
+    """A run that stopped before its first checkpoint logged steps that cannot be continued: reusable."""
     out = tmp_path / "run"
-    _write(out, {"config.yaml": "a: 1\n", "metrics.jsonl": ""})
-    with pytest.raises(SystemExit, match="--resume given but .*last.pt does not exist"):
+    _write(out, {"config.yaml": "a: 1\n", "metrics.jsonl": '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n',
+                 "checkpoints/.last.pt.77.tmp": "half"})
+    caplog.set_level(logging.INFO, logger="alice3d")
+    assert prepare_run_dir(out, resume=False) == out
+    assert list(out.iterdir()) == []
+    assert any("reusing it" in r.getMessage() and "metrics.jsonl" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_without_a_checkpoint_starts_over_and_touches_nothing(tmp_path, caplog):
+    out = tmp_path / "run"
+    _write(out, {"config.yaml": "a: 1\n", "metrics.jsonl": '{"step": 1, "loss": 0.5}\n'})
+    before = _snapshot(out)
+    caplog.set_level(logging.INFO, logger="alice3d")
+    assert prepare_run_dir(out, resume=True) == out  # the trainer logs that it starts from step 0
+    assert _snapshot(out) == before  # the trainer overwrites them when it starts
+    assert prepare_run_dir(out, resume=True, marker="results.json") == out
+    (line,) = [r.getMessage() for r in caplog.records if "holds no" in r.getMessage()]
+    assert line == f"--resume: {out} holds no results.json; starting from step 0"
+    assert prepare_run_dir(tmp_path / "new", resume=True).is_dir()  # nothing there yet: a fresh start
+
+
+@pytest.mark.parametrize("files,blocker", [
+    ({"encoder.pt": "w"}, "encoder.pt"),
+    ({"config.yaml": "a: 1\n", "results.json": "{}"}, "results.json"),
+    ({"notes.txt": "mine"}, "notes.txt"),
+])
+def test_resume_without_a_checkpoint_still_refuses_outputs_and_foreign_files(tmp_path, files, blocker):
+    out = tmp_path / "run"
+    _write(out, files)
+    before = _snapshot(out)
+    with pytest.raises(SystemExit, match=rf"--resume given but .*last.pt does not exist.*\({blocker}\)"):
         prepare_run_dir(out, resume=True)
-    assert prepare_run_dir(out, resume=True, marker="config.yaml") == out
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert _snapshot(out) == before
 
 
 def test_a_file_is_not_a_run_directory(tmp_path):
