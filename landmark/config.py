@@ -1,4 +1,5 @@
-"""Typed configuration of the landmark matcher (training, matching, crop pairs).
+"""Typed configuration of the landmark matcher (training, matching) and of Alice's crop pairs
+(``PairsConfig``, the `pairs.` section of the pretraining config).
 
 The dataclasses below are the single source of defaults; ``configs/landmark/*.yaml``
 and ``key=value`` overrides only change existing fields (see :mod:`alice3d.config`).
@@ -125,14 +126,30 @@ def resolve_match_config(stored: dict | None = None, **explicit) -> MatchConfig:
 
 
 @dataclass
-class PairConfig:
-    """Registered crop pairs for Alice pretraining."""
+class PairsConfig:
+    """Where Alice's (Q, K) crop pairs come from (the `pairs.` section of the pretraining config).
 
-    crop_size: tuple[int, int, int] = (192, 192, 64)
-    min_score: float = 0.5
-    max_retries: int = 4
-    body_threshold: float = 0.05  # normalized intensity of the crop volumes above which = body
-    fallback: str = "best"  # best | position (same normalized position in the bounding box)
+    ``landmark``: the landmark matcher finds the point in K that matches a random body point in
+    Q (the method as published). ``same_position``: a baseline without a matcher that takes the
+    same normalised position in the two volumes' bounding boxes. ``same_volume``: Q and K are the
+    same crop of one volume (only their views differ), i.e. no inter-volume alignment (the
+    paper's Table 5 ablation).
+    """
+
+    source: str = "landmark"
+    min_score: float = 0.3
+    max_retries: int = 8
+    # Matcher consistency for pairs. "affine" is far more accurate than the per-point argmax
+    # "none" (README, landmark table) but fits one affine per new volume pair (about 1 s on CPU,
+    # n^2 pairs); "reference" fits each volume once to a reference volume and composes the maps
+    # (O(n), nearly as accurate, no embeddings needed while training); "auto": reference when
+    # the volumes come from a volume store, none when they are held in memory.
+    consistency: str = "auto"
+    embedding_cache_mb: float = 2048.0  # per process: embeddings held for "none"/"affine" on a store
+
+    def validate(self, prefix: str = "pairs") -> None:
+        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position", "same_volume"])
+        check_choice(f"{prefix}.consistency", self.consistency, ["auto", "none", "affine", "reference"])
 
 
 def _landmark_data() -> DataConfig:
@@ -160,7 +177,6 @@ class LandmarkConfig:
     crop: CropConfig = section(CropConfig)
     loss: LossConfig = section(LossConfig)
     match: MatchConfig = section(MatchConfig)
-    pairs: PairConfig = section(PairConfig)
 
     def validate(self) -> None:
         m = self.model
@@ -172,7 +188,6 @@ class LandmarkConfig:
         if not 1 <= m.coarse_level <= len(m.widths):
             raise ConfigError(f"model.coarse_level: expected 1..{len(m.widths)}, got {m.coarse_level}")
         check_choice("model.norm", m.norm, ["batch", "none"])
-        check_choice("pairs.fallback", self.pairs.fallback, ["best", "position"])
         self.match.validate()
         if len(self.data.spacing) != 3:
             raise ConfigError(f"data.spacing: expected 3 values (mm), got {list(self.data.spacing)}")

@@ -13,23 +13,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alice3d.core.losses import info_nce as core_info_nce, info_nce_logits
 from alice3d.data.geometry import apply_affine
 from landmark.config import LossConfig
 
 
-# Not alice3d.core.losses.info_nce (negatives = other rows of the batch): each anchor has its own mined negatives.
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
              temperature: float, neg_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean InfoNCE of ``anchor (N, D)`` vs ``positive (N, D)`` and ``negatives (N, K, D)``.
+    """Mean InfoNCE of ``anchor (N, D)`` vs ``positive (N, D)`` and its own ``negatives (N, K, D)``.
 
     ``neg_valid (N, K)`` bool, False = that negative slot is empty (left out of the softmax).
-    Loss per anchor: ``-log(exp(a.p/t) / (exp(a.p/t) + sum_k exp(a.n_k/t)))``.
+    Loss per anchor: ``-log(exp(a.p/t) / (exp(a.p/t) + sum_k exp(a.n_k/t)))`` on the vectors as
+    given (the embeddings are unit already; coarse targets are deliberately not renormalised).
+    This argument order is kept for landmark callers; the loss is
+    :func:`alice3d.core.losses.info_nce` with per-anchor negatives.
     """
-    pos = (anchor * positive).sum(-1, keepdim=True)
-    neg = torch.einsum("nd,nkd->nk", anchor, negatives)
-    if neg_valid is None:
-        neg_valid = torch.ones_like(neg, dtype=torch.bool)
-    return _nce_logits(pos, neg, neg_valid, temperature)
+    return core_info_nce(anchor, positive, temperature, negatives=negatives, neg_valid=neg_valid, normalize=False)
 
 
 def grid_world(affine: torch.Tensor, shape) -> torch.Tensor:
@@ -156,7 +155,7 @@ def _direction(a: _View, b: _View, others: list[_View], cfg: LossConfig,
         used, slot = torch.unique(neg_pos, return_inverse=True)
     pos_f = (anc_f * b.fine[j]).sum(-1, keepdim=True)
     neg_f = (anc_f @ b.fine[cand[used]].T).gather(1, slot)
-    loss_f = _nce_logits(pos_f, neg_f, neg_ok, cfg.temperature)
+    loss_f = info_nce_logits(pos_f, neg_f, cfg.temperature, neg_ok)
 
     # Coarse: random negatives (shared by the anchors) outside the looser radius in the own
     # volume, plus voxels of the other volumes in the batch.
@@ -175,19 +174,13 @@ def _direction(a: _View, b: _View, others: list[_View], cfg: LossConfig,
         else:
             ok.append(torch.ones(n_anc, len(sel), dtype=torch.bool, device=dev))
     pos_cs = (anc_c * b.coarse_at(j, normalize=False)).sum(-1, keepdim=True)
-    loss_c = _nce_logits(pos_cs, anc_c @ torch.cat(negs).T, torch.cat(ok, dim=1), cfg.temperature)
+    loss_c = info_nce_logits(pos_cs, anc_c @ torch.cat(negs).T, cfg.temperature, torch.cat(ok, dim=1))
 
     with torch.no_grad():
         neg_max = neg_f.masked_fill(~neg_ok, float("-inf")).max(dim=1).values
         acc = (pos_f[:, 0] > neg_max).float().mean()
     return {"fine": loss_f, "coarse": loss_c, "pos_sim": pos_f.detach().mean(), "acc": acc,
             "anchors": torch.tensor(float(n_anc), device=dev)}
-
-
-def _nce_logits(pos: torch.Tensor, neg: torch.Tensor, neg_valid: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE from similarities ``pos (N, 1)``, ``neg (N, K)``; ``neg_valid (N, K)`` False = left out."""
-    logits = torch.cat([pos, neg.masked_fill(~neg_valid, float("-inf"))], dim=1) / temperature
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 def landmark_loss(fine1: torch.Tensor, coarse1: torch.Tensor, affine1: torch.Tensor,

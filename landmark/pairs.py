@@ -5,48 +5,56 @@ another volume B (world mm in, world mm out), and crops Q and K of the configure
 are cut around the two points. The volumes are the run's crop sources (windowed in-memory
 volumes or volumes of a volume store read chunk by chunk, :mod:`alice3d.data.sources`; same
 spacing and axis directions for all of them); the matcher works on embeddings of the original
-images, computed once up front and cached.
+images, made once up front by the preparation step (:mod:`landmark.prepare`).
 
 With ``pairs.consistency=reference`` every volume is fitted once to a reference volume and a
 pair's map is composed (:mod:`landmark.cohort`): O(N) fits instead of one per pair, and no
-embeddings at training time. ``auto`` (the default) uses it for store-backed runs and the
-per-point argmax for volumes held in memory.
+embeddings at training time (the preparation keeps none on disk, only the fits). ``auto`` (the
+default) uses it for store-backed runs and the per-point argmax for volumes held in memory.
+
+The datasets here only read what the preparation made: :func:`pair_dataset` and
+:func:`store_pair_sampler` on a store whose fits or embeddings are missing or stale raise a
+:class:`~landmark.cohort.CohortError` that names the command making them. Volumes held in memory
+are prepared in the same process (:func:`landmark.prepare.prepare_in_memory`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from alice3d.config import ConfigError, DataConfig, check_choice
-from alice3d.data.builders import load_volumes
-from alice3d.data.crops import crop_at  # noqa: F401 - re-exported for callers of this module
+from alice3d.config import DataConfig
+from alice3d.data.crops import MAX_REDRAWS, Redraw, guarded_read, is_quarantined, no_readable_volumes, redraw_generator
 from alice3d.data.geometry import apply_affine
-from alice3d.data.preprocess import env_shard
 from alice3d.data.report import DataReport
 from alice3d.data.sources import as_sources, source_name
 from alice3d.data.store import StoreVolume, VolumeStore
 from alice3d.errors import Alice3DError
-from alice3d.runtime import progress
-from alice3d.train.module import BatchDataset
 from landmark.cohort import (
     CohortError,
     case_input,
     compose,
-    embed_store,
     fit_identity,
+    missing_store_embeddings,
+    preparation_hint,
     reference_transforms,
     store_transforms,
 )
-from landmark.defaults import default_landmark_model
+from landmark.config import PairsConfig
 from landmark.match import Matcher
+from landmark.prepare import (
+    PairPreparation,
+    grid_of,
+    load_pair_volumes,
+    pair_consistency,
+    pair_model,
+    prepare_in_memory,
+    prepare_volumes,
+)
 from landmark.store import StoreEmbeddings
 
 log = logging.getLogger("alice3d.landmark")
@@ -54,33 +62,6 @@ log = logging.getLogger("alice3d.landmark")
 
 class PairError(Alice3DError, ValueError):
     """Volumes or settings that cannot produce crop pairs (sizes, geometry, missing sources)."""
-
-
-@dataclass
-class PairsConfig:
-    """Where Alice's (Q, K) crop pairs come from (the `pairs.` section of the pretraining config).
-
-    ``landmark``: the landmark matcher finds the point in K that matches a random body point in
-    Q (the method as published). ``same_position``: a baseline without a matcher that takes the
-    same normalised position in the two volumes' bounding boxes. ``same_volume``: Q and K are the
-    same crop of one volume (only their views differ), i.e. no inter-volume alignment (the
-    paper's Table 5 ablation).
-    """
-
-    source: str = "landmark"
-    min_score: float = 0.3
-    max_retries: int = 8
-    # Matcher consistency for pairs. "affine" is far more accurate than the per-point argmax
-    # "none" (README, landmark table) but fits one affine per new volume pair (about 1 s on CPU,
-    # n^2 pairs); "reference" fits each volume once to a reference volume and composes the maps
-    # (O(n), nearly as accurate, no embeddings needed while training); "auto": reference when
-    # the volumes come from a volume store, none when they are held in memory.
-    consistency: str = "auto"
-    embedding_cache_mb: float = 2048.0  # per process: embeddings held for "none"/"affine" on a store
-
-    def validate(self, prefix: str = "pairs") -> None:
-        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position", "same_volume"])
-        check_choice(f"{prefix}.consistency", self.consistency, ["auto", "none", "affine", "reference"])
 
 
 class PairSampler:
@@ -100,7 +81,9 @@ class PairSampler:
     per-volume maps ``transforms`` (T_V, world V -> world reference, one (4, 4) per volume),
     fitted with the matcher when not given; a match that leaves B's volume is retried like a
     low score). ``embeddings``: per-volume embeddings to use instead of embedding ``sources``
-    (a lazy sequence for a store).
+    (a lazy sequence for a store). Given a matcher but neither ``transforms`` nor ``embeddings``,
+    the sampler prepares its volumes itself, in this process
+    (:func:`landmark.prepare.prepare_volumes`).
     """
 
     def __init__(self, volumes: Sequence, matcher=None, crop_size: Sequence[int] = (192, 192, 64),
@@ -139,14 +122,16 @@ class PairSampler:
             if not isinstance(matcher, Matcher):
                 matcher = Matcher(matcher, device=device, memory_items=max(32, len(volumes)))
             self.matcher = matcher
-            if embeddings is None:
-                self.matcher.memory_items = max(self.matcher.memory_items, len(volumes))
             self.matcher.consistency = "none" if consistency == "reference" else consistency
-            self.embeddings = self._embed_all(volumes, sources) if embeddings is None else embeddings
+            boxes = [(e.lo, e.hi) for e in self.entries]
+            if embeddings is None:
+                self.transforms, self.embeddings = prepare_volumes(
+                    self.matcher, self._sources(volumes, sources), boxes, [grid_of(v) for v in volumes], consistency)
+            else:
+                self.embeddings = embeddings
             if consistency == "reference":
-                # one fit per volume, then the embeddings are not needed any more
-                self.transforms = reference_transforms(self.matcher, self.embeddings,
-                                                       [(e.lo, e.hi) for e in self.entries])
+                if self.transforms is None:
+                    self.transforms = reference_transforms(self.matcher, self.embeddings, boxes)
                 self.matcher, self.embeddings = None, []
             elif match_device != str(self.matcher.device):
                 # Embeddings are computed once on ``device``; the per-pair queries run on
@@ -180,7 +165,8 @@ class PairSampler:
                     "resampled to one spacing and orientation (e.g. RAS)"
                 )
 
-    def _embed_all(self, volumes: Sequence, sources: Sequence | None) -> list:
+    def _sources(self, volumes: Sequence, sources: Sequence | None) -> list:
+        """What the matcher embeds per volume: ``sources``, else each volume's ``path``."""
         if sources is None:
             missing = [i for i, v in enumerate(volumes) if not getattr(v, "path", "")]
             if missing:
@@ -191,15 +177,13 @@ class PairSampler:
             sources = [v.path for v in volumes]
         if len(sources) != len(volumes):
             raise PairError(f"sources: expected {len(volumes)} entries (one per volume), got {len(sources)}")
-
-        return [self.matcher.embed(src) for src in progress(list(sources), desc="landmark embeddings",
-                                                            unit="volume", logger=log)]
+        return list(sources)
 
     # ------------------------------------------------------------- sampling
 
     def _query(self, i: int, rng: np.random.Generator) -> np.ndarray:
         e = self.entries[i]
-        body = e.body_voxels()
+        body = guarded_read(e, e.body_voxels)
         ijk = body[rng.integers(len(body))] + rng.uniform(-0.5, 0.5, size=3)
         return apply_affine(e.affine, ijk[None])[0]
 
@@ -216,13 +200,32 @@ class PairSampler:
         return eb.lo + rel * (eb.hi - eb.lo)
 
     def sample(self, rng: np.random.Generator | int) -> dict:
-        """``{"q": (1, *crop), "k": (1, *crop), "meta": {points, score, ids, tries, fallback}}``."""
+        """``{"q": (1, *crop), "k": (1, *crop), "meta": {points, score, ids, tries, fallback}}``.
+
+        A pair touching a volume found damaged (quarantined under ``on_bad_read="skip"``, see
+        :mod:`alice3d.data.crops`) is drawn again, from a generator that depends only on the state
+        ``rng`` came in with, so the redraw is the same whenever the damage is found.
+        """
         if not isinstance(rng, np.random.Generator):
             rng = np.random.default_rng(rng)
+        start = rng.bit_generator.state
+        need = 1 if self.same_volume else 2
+        for attempt in range(MAX_REDRAWS + 1):
+            g = rng if attempt == 0 else redraw_generator(start, attempt)
+            try:
+                return self._sample_once(g)
+            except Redraw:
+                if sum(not is_quarantined(e) for e in self.entries) < need:
+                    raise no_readable_volumes(self.entries, need) from None
+        raise no_readable_volumes(self.entries, need)
+
+    def _sample_once(self, rng: np.random.Generator) -> dict:
         n = len(self.entries)
         a = int(rng.integers(n))
         b = int(rng.integers(n - 1))
         b += b >= a
+        if is_quarantined(self.entries[a]) or (not self.same_volume and is_quarantined(self.entries[b])):
+            raise Redraw(self.entries[a].name)
         fallback = False
         if self.same_volume:
             b = a
@@ -268,9 +271,9 @@ class PairSampler:
                         "(fallback %d of %d pairs so far)", self.entries[a].name, self.entries[b].name, score, tries,
                         self.min_score, "best try" if self.fallback == "best" else "same normalised position",
                         k, self.stats["pairs"] + 1)
-        self.stats["pairs"] += 1
         q = self.crop_around(a, p)
         k_ = self.crop_around(b, pb)
+        self.stats["pairs"] += 1  # after the reads: a pair drawn again counts once
         return {"q": torch.from_numpy(q)[None], "k": torch.from_numpy(k_)[None],
                 "meta": {"points": [p.tolist(), np.asarray(pb).tolist()], "score": score, "ids": (a, b),
                          "names": (self.entries[a].name, self.entries[b].name), "tries": tries,
@@ -279,7 +282,8 @@ class PairSampler:
     def crop_around(self, i: int, point_world: np.ndarray) -> np.ndarray:
         """Crop of volume ``i`` whose voxel ``crop // 2`` holds ``point_world``; background-padded."""
         ijk = np.rint(apply_affine(self._inv[i], point_world)).astype(int)
-        return np.asarray(self.entries[i].read_crop(ijk, self.crop), dtype=np.float32)
+        e = self.entries[i]
+        return np.asarray(guarded_read(e, lambda: e.read_crop(ijk, self.crop)), dtype=np.float32)
 
 
 _name = source_name
@@ -310,65 +314,35 @@ class PairDataset(Dataset):
         return self._one(int(i))
 
 
-class PairBatches(BatchDataset):
-    """Item ``k`` is a whole batch of ``batch_size`` pairs of ``pairs`` ``{"q": (B, 1, *crop), "k": ...}``,
-    pair ``j`` of it drawn from the key ``(k, j)``."""
-
-    def __init__(self, pairs: PairDataset, batch_size: int):
-        self.pairs, self.batch_size = pairs, batch_size
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, k: int) -> dict:
-        items = [self.pairs._one(int(k), j) for j in range(self.batch_size)]
-        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
-
-
-def build_pair_sampler(volumes: Sequence, landmark: str | os.PathLike | None, crop_size: Sequence[int],
-                       min_score: float = 0.5, max_retries: int = 4, device: str = "cpu", seed: int = 0,
-                       **kwargs) -> PairSampler:
-    """Sampler for pretraining: ``landmark`` = path to landmark.pt, or None for the position baseline."""
-    matcher = None
-    if landmark is not None:
-        matcher = Matcher(landmark, device=device, memory_items=max(32, len(volumes)))
-    return PairSampler(volumes, matcher, crop_size=crop_size, min_score=min_score, max_retries=max_retries,
-                       seed=seed, **kwargs)
-
-
 def pair_dataset(data: DataConfig, pairs: PairsConfig, crop_size: Sequence[int], landmark: str = "",
-                 device: str = "cpu", seed: int = 0) -> tuple[PairDataset, DataReport]:
+                 device: str = "cpu", seed: int = 0,
+                 prepared: PairPreparation | None = None) -> tuple[PairDataset, DataReport]:
     """Alice's dataset: landmark-matched (Q, K) crop pairs of the run's volumes, and its data report.
 
-    ``landmark`` = "" with the embedded phantom cohort uses the default phantom matcher (shipped or
-    trained once and cached); with the user's data it is an error that says how to get one.
+    ``prepared``: what :func:`landmark.prepare.prepare_pairs` made for the same arguments (its
+    volumes are used, not loaded again). Without it, a store-backed run reads the store's
+    preparation (CohortError naming the command when it is missing or stale) and volumes held in
+    memory are prepared here, in this process. ``landmark`` = "" with the embedded phantom cohort
+    uses the default phantom matcher; with the user's data it is an error that says how to get one.
+    ``device``: where the matcher of none / affine pairs runs.
     """
-    if len(crop_size) != 3:
-        raise ConfigError("alice.img_size: Alice pairs are 3D crops; expected 3 sizes")
-    vset = load_volumes(data, crop_size, min_volumes=2)
-    if pairs.source == "landmark" and not landmark:
-        if data.data:
-            raise ConfigError(
-                "Alice pairs need a landmark model for your data: train one with "
-                "`alice3d-landmark train --data <same data> --out LM` and pass --landmark LM/landmark.pt "
-                "(or set pairs.source=same_position for the matcher-free baseline)"
-            )
-        landmark = str(default_landmark_model(n=data.phantom_n, seed=data.phantom_seed))
-        log.info("using the default phantom landmark model %s", landmark)
-    use = landmark if pairs.source == "landmark" else None
-    store = vset.store
-    consistency = pairs.consistency
-    if consistency == "auto":
-        consistency = "reference" if store is not None else "none"
-    if use is not None and store is not None:
-        sampler = store_pair_sampler(store, vset.volumes, Matcher(use, device=device), consistency, crop_size,
-                                     pairs.min_score, pairs.max_retries, pairs.embedding_cache_mb)
+    if prepared is None:
+        vset = load_pair_volumes(data, crop_size)
+        model = pair_model(data, pairs, landmark)
+        consistency = pair_consistency(pairs, vset.store is not None) if model is not None else "none"
     else:
-        sampler = build_pair_sampler(
-            vset.volumes, use, crop_size=crop_size, min_score=pairs.min_score, max_retries=pairs.max_retries,
-            device=device, consistency=consistency if use is not None else "none",
-            same_volume=pairs.source == "same_volume",
-        )
+        vset, model, consistency = prepared.volumes, prepared.model, prepared.consistency
+    kw = dict(crop_size=crop_size, min_score=pairs.min_score, max_retries=pairs.max_retries)
+    if model is None:
+        sampler = PairSampler(vset.volumes, None, same_volume=pairs.source == "same_volume", **kw)
+    elif vset.store is not None:
+        sampler = store_pair_sampler(vset.store, vset.volumes, Matcher(model, device=device), consistency,
+                                     embedding_cache_mb=pairs.embedding_cache_mb, model=model, **kw)
+    else:
+        if prepared is None:
+            prepared = prepare_in_memory(vset.volumes, model, consistency, device)
+        sampler = PairSampler(vset.volumes, prepared.matcher, consistency=consistency,
+                              transforms=prepared.transforms, embeddings=prepared.embeddings, **kw)
     return PairDataset(sampler, seed=seed), DataReport(len(vset.volumes), list(vset.bad))
 
 
@@ -376,8 +350,9 @@ class StoreEmbeddingList:
     """``embeddings[i]``: the embedding of store case ``i``, read (memory-mapped) from the store when
     first needed and kept in the matcher's bounded memory LRU (``pairs.embedding_cache_mb``)."""
 
-    def __init__(self, matcher: Matcher, store: VolumeStore, cases: Sequence[dict]):
+    def __init__(self, matcher: Matcher, store: VolumeStore, cases: Sequence[dict], model: str | None = None):
         self.matcher, self.names = matcher, [c["name"] for c in cases]
+        self.store_root, self.model = store.root, model
         self.inputs = [case_input(store, c) for c in cases]
         source = next((s for s in matcher.store.sources if isinstance(s, StoreEmbeddings)), None)
         if source is None:
@@ -390,47 +365,36 @@ class StoreEmbeddingList:
         return len(self.names)
 
     def __getitem__(self, i: int):
-        key, load = self.inputs[i]
-        return self.matcher.store.get_keyed(key, self.names[i], load)
+        key, _ = self.inputs[i]
+        return self.matcher.store.get_keyed(key, self.names[i], lambda: self._unprepared(i))
 
-
-def _wait_for(ready, what: str, timeout_s: float = 3600.0, poll_s: float = 2.0):
-    """``ready()``'s value once it is not None (other processes of the node finishing their share)."""
-    deadline = time.monotonic() + timeout_s
-    while (value := ready()) is None:
-        if time.monotonic() > deadline:
-            raise PairError(f"waited {timeout_s:.0f} s for {what} from the other processes of this node; "
-                            "is every process alive?")
-        time.sleep(poll_s)
-    return value
+    def _unprepared(self, i: int):
+        # Reached only when the store's entry became unreadable after the check at build time:
+        # computing it here would be the preparation's work, done by one process in the middle of training.
+        raise CohortError(f"{self.store_root}: the landmark embedding of case {self.names[i]} is unreadable; "
+                          f"{preparation_hint(self.model, self.store_root)}")
 
 
 def store_pair_sampler(store: VolumeStore, volumes: Sequence[StoreVolume], matcher: Matcher, consistency: str,
                        crop_size: Sequence[int], min_score: float, max_retries: int,
-                       embedding_cache_mb: float) -> PairSampler:
-    """Pairs of store volumes: ``reference`` needs only the per-volume fits (kept in the store; made
-    once, shared by the node's processes, when missing); ``none`` / ``affine`` match on embeddings
-    kept in the store and read lazily through a memory LRU of ``embedding_cache_mb`` MB."""
-    shard = env_shard(local=True)
+                       embedding_cache_mb: float, model: str | None = None) -> PairSampler:
+    """Pairs of store volumes, from what the preparation (:func:`landmark.prepare.prepare_store`)
+    wrote: ``reference`` reads the per-volume fits; ``none`` / ``affine`` match on the store's
+    embeddings, read lazily through a memory LRU of ``embedding_cache_mb`` MB. Nothing is embedded
+    or fitted here: a missing or stale preparation is a CohortError naming the command that makes
+    it (``model``: the landmark model's path, for that command)."""
     cases = [v.case for v in volumes]
     kw = dict(crop_size=crop_size, min_score=min_score, max_retries=max_retries)
     if consistency == "reference":
-        expect = fit_identity(matcher, store)
-
-        def fits():
-            try:
-                return store_transforms(matcher.model_key, expect, store, cases)
-            except CohortError:
-                return None
-
-        if fits() is None:
-            log.info("fitting each volume of %s once to its reference volume (kept in the store)", store.root)
-            embed_store(matcher, store, shard=shard, fits=True, keep_embeddings=False)
-        transforms = _wait_for(fits, "the reference fits")
+        transforms = store_transforms(matcher.model_key, fit_identity(matcher, store), store, cases, model=model)
         return PairSampler(volumes, None, consistency="reference", transforms=transforms, **kw)
-    embed_store(matcher, store, shard=shard, fits=False, keep_embeddings=True)
-    embeddings = StoreEmbeddingList(matcher, store, cases)
-    _wait_for(lambda: True if all(matcher.store.has(k, n) for (k, _), n in zip(embeddings.inputs, embeddings.names))
-              else None, "the store's embeddings")
+    embeddings = StoreEmbeddingList(matcher, store, cases, model=model)
+    missing = missing_store_embeddings(store, matcher.model_key, embeddings.inputs, cases)
+    if missing:
+        raise CohortError(
+            f"{store.root}: {len(missing)} case(s) have no landmark embedding for this model in the store "
+            f"(missing or stale, e.g. {missing[0]}), needed by pairs.consistency={consistency}; "
+            f"{preparation_hint(model, store.root)}")
+    matcher.disk.writable = False  # the store keeps them, and is read first: a cache copy would never be read
     matcher.store.memory_items, matcher.store.memory_mb = len(volumes), float(embedding_cache_mb)
     return PairSampler(volumes, matcher, consistency=consistency, embeddings=embeddings, **kw)

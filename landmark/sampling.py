@@ -4,6 +4,11 @@ Each view is a regular grid placed in the volume with its own zoom (scale 0.8-1.
 so its voxels sit at known world positions. The dataset returns the views together
 with the affines of their *fine embedding grids* (index -> world mm); the loss pairs
 voxels by those world positions.
+
+Training volumes are HU sources (:class:`HUTrainVolume`): a volume store's int16 HU read only
+where a view lies (chunk by chunk), or an int16 array in memory for small data; the model's
+input windows are computed per view, so memory does not grow with the cohort.
+:class:`TrainVolume` holds ready-made input channels in memory (tests, synthetic images).
 """
 
 from __future__ import annotations
@@ -31,6 +36,24 @@ class TrainVolume:
     body: np.ndarray  # (K, n) voxel indices of body voxels (seed points)
     name: str = ""
 
+    def view(self, index_map: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+        """``(C, *size)`` resampled on the crop grid ``index_map`` (crop index -> volume index)."""
+        return sample_crop(self.image, index_map, size)
+
+
+def body_seeds(mask: np.ndarray, max_seeds: int, seed: int) -> np.ndarray:
+    """``(K, n)`` int32 indices of ``mask``'s voxels, at most ``max_seeds`` drawn with ``default_rng(seed)``.
+
+    The same voxels as ``np.argwhere(mask)[rng.choice(...)]``, without the ``(voxels, n)`` int64
+    array of every body voxel; an empty mask gives seeds anywhere (the volume still trains).
+    """
+    flat = np.flatnonzero(mask)
+    if len(flat) == 0:
+        flat = np.arange(mask.size)
+    if len(flat) > max_seeds:
+        flat = flat[np.random.default_rng(seed).choice(len(flat), max_seeds, replace=False)]
+    return np.stack(np.unravel_index(flat, mask.shape), axis=1).astype(np.int32)
+
 
 def make_train_volume(image: np.ndarray | torch.Tensor, affine: np.ndarray, body_threshold: float,
                       name: str = "", max_seeds: int = 20000, seed: int = 0) -> TrainVolume:
@@ -39,13 +62,86 @@ def make_train_volume(image: np.ndarray | torch.Tensor, affine: np.ndarray, body
     n = affine.shape[0] - 1 if hasattr(affine, "shape") else 3
     if img.ndim == n:
         img = img[None]
-    body = np.argwhere(img[0].numpy() > body_threshold)
-    if len(body) == 0:
-        # A volume without body voxels still trains (seeds anywhere) rather than being dropped silently.
-        body = np.argwhere(np.ones(img.shape[1:], dtype=bool))
-    if len(body) > max_seeds:
-        body = body[np.random.default_rng(seed).choice(len(body), max_seeds, replace=False)]
+    body = body_seeds(img[0].numpy() > body_threshold, max_seeds, seed)
     return TrainVolume(img.contiguous(), np.asarray(affine, dtype=np.float64), body, name)
+
+
+class HUArray:
+    """An in-memory int16 HU volume ``(*S)`` with the reading interface of a store volume."""
+
+    def __init__(self, hu: np.ndarray):
+        self.hu = np.asarray(hu, dtype=np.int16)
+        self.shape = tuple(self.hu.shape)
+
+    def read_hu(self, region: tuple | None = None) -> np.ndarray:
+        return self.hu if region is None else self.hu[region]
+
+
+def window_tensor(hu: torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Tensor:
+    """HU ``(*S)`` -> ``(len(windows), *S)``, each window scaled to [0, 1] and clipped (float32)."""
+    return torch.stack([((hu - float(lo)) / (float(hi) - float(lo))).clamp(0.0, 1.0) for lo, hi in windows])
+
+
+class HUTrainVolume:
+    """A training volume read per view from HU: ``source.read_hu(region)`` gives int16 HU of a region
+    (a :class:`alice3d.data.store.StoreVolume` reads only the chunks it touches; :class:`HUArray`
+    slices memory). ``windows``: the input channels (primary window first), computed per view.
+
+    A view equals resampling the volume's channel 0 (window applied per volume) on the crop grid:
+    HU is clipped to the primary window before the trilinear interpolation, which is linear in
+    it; the narrower extra windows are applied after it, as at matching time (resample, then window).
+    """
+
+    def __init__(self, source, affine: np.ndarray, body: np.ndarray, windows: Sequence[Sequence[float]],
+                 name: str = ""):
+        self.source = source
+        self.shape = tuple(int(s) for s in source.shape)
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self.body = np.asarray(body)
+        self.windows = tuple((float(lo), float(hi)) for lo, hi in windows)
+        self.name = name
+
+    def region(self, index_map: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(lo, hi)`` voxel box (hi exclusive) that trilinear sampling on the crop grid reads; None when
+        the crop lies wholly outside the volume."""
+        n = len(size)
+        corners = np.array(np.meshgrid(*[(0.0, float(s) - 1) for s in size], indexing="ij")).reshape(n, -1).T
+        idx = corners @ np.asarray(index_map)[:n, :n].T + np.asarray(index_map)[:n, n]
+        shape = np.asarray(self.shape)
+        # 1e-4 voxel of slack: the crop grid is evaluated again in float32 by sample_crop
+        lo = np.clip(np.floor(idx.min(0) - 1e-4).astype(int), 0, shape)
+        hi = np.clip(np.floor(idx.max(0) + 1e-4).astype(int) + 2, 0, shape)
+        if np.any(hi <= lo):
+            return None
+        # >= 2 voxels per axis: on a 1-voxel axis grid_sample would not blend with the outside
+        hi = np.minimum(np.maximum(hi, lo + 2), shape)
+        lo = np.maximum(np.minimum(lo, hi - 2), 0)
+        return lo, hi
+
+    def view(self, index_map: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+        """``(len(windows), *size)`` float32: the windows of the HU resampled on ``index_map``."""
+        size = tuple(int(s) for s in size)
+        lo_hu, hi_hu = self.windows[0]
+        box = self.region(index_map, size)
+        if box is None:
+            return torch.zeros((len(self.windows), *size))
+        lo, hi = box
+        sub = self.source.read_hu(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)))
+        hu = torch.from_numpy(np.asarray(sub, dtype=np.float32)).clamp(lo_hu, hi_hu)
+        shift = np.eye(len(size) + 1)
+        shift[: len(size), len(size)] = -lo
+        crop = sample_crop(hu[None], shift @ index_map, size, pad_value=lo_hu)[0]
+        return window_tensor(crop, self.windows)
+
+
+def make_hu_train_volume(source, affine: np.ndarray, windows: Sequence[Sequence[float]], body_threshold: float,
+                         name: str = "", max_seeds: int = 20000, seed: int = 0) -> HUTrainVolume:
+    """:class:`HUTrainVolume` whose seeds are the voxels above ``body_threshold`` in the primary window
+    (the rule of :func:`make_train_volume`); reads the whole volume once, keeps only the seeds."""
+    lo, hi = (float(w) for w in windows[0])
+    hu = np.asarray(source.read_hu())
+    body = body_seeds(np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) > body_threshold, max_seeds, seed)
+    return HUTrainVolume(source, affine, body, windows, name)
 
 
 def crop_grid(center: np.ndarray, scale: float, size: Sequence[int]) -> np.ndarray:
@@ -127,7 +223,7 @@ def views_overlap(center1: np.ndarray, extent1: np.ndarray, center2: np.ndarray,
     return bool(np.all(shared >= min_fraction * np.minimum(extent1, extent2)))
 
 
-def sample_view_pair(vol: TrainVolume, cfg: CropConfig, rng: np.random.Generator, fine_stride: int = 2) -> dict:
+def sample_view_pair(vol: TrainVolume | HUTrainVolume, cfg: CropConfig, rng: np.random.Generator, fine_stride: int = 2) -> dict:
     """Two views of ``vol``: ``view1/2 (1, *size)``, fine-grid affines ``affine1/2 (n+1, n+1)``.
 
     With probability ``shared_seed_prob`` both views contain one seed point; otherwise view 2
@@ -147,7 +243,7 @@ def sample_view_pair(vol: TrainVolume, cfg: CropConfig, rng: np.random.Generator
 
     def view(k: int, center: np.ndarray, scale: float) -> None:
         index_map = crop_grid(center, scale, size)
-        out[f"view{k}"] = augment(sample_crop(vol.image, index_map, size), cfg, rng)
+        out[f"view{k}"] = augment(vol.view(index_map, size), cfg, rng)
         world = vol.affine @ index_map  # crop index -> world
         out[f"affine{k}"] = grid_affine(world, fine_stride).float()
 
@@ -175,7 +271,7 @@ class ViewPairDataset(BatchDataset):
     index -> world mm) and ``seed`` (for the loss's anchor sampling).
     """
 
-    def __init__(self, volumes: Sequence[TrainVolume], cfg: CropConfig, batch_size: int, seed: int = 0,
+    def __init__(self, volumes: Sequence[TrainVolume | HUTrainVolume], cfg: CropConfig, batch_size: int, seed: int = 0,
                  fine_stride: int = 2):
         if not volumes:
             raise ValueError("ViewPairDataset needs at least one volume")

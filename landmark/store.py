@@ -6,6 +6,12 @@ is another entry. :meth:`EmbeddingStore.get` looks in memory, then in each sourc
 :class:`StoreEmbeddings`; any object with the ``get``/``put`` of :class:`EmbeddingSource` can be
 added), and only then runs the network. Grids are RAS-ordered
 and tied to world by their affines, so nothing here depends on the input's orientation.
+
+Both persistent sources keep an embedding as a zarr v3 group (:func:`landmark.embed_cache.write_group`:
+crc32c-checked chunks, written atomically) and read it back whole into memory; the memory LRU of
+:class:`EmbeddingStore`, capped in items and in bytes (``DEFAULT_MEMORY_MB`` unless set), is what
+bounds the memory of a process that visits many volumes. Embedding files of the older ``.emb``
+format beside them are never read: they are reported once per directory and recomputed.
 """
 
 from __future__ import annotations
@@ -13,26 +19,29 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from alice3d.data.digest import volume_digest
 from alice3d.data.io import Volume, load_volume
-from landmark.embed_cache import CacheError, read_entry, trim_cache, write_entry
+from landmark.embed_cache import GROUP_SUFFIX, CacheError, note_old_entries, read_group, trim_cache, write_group
 from landmark.points import check_points_inside
 
 log = logging.getLogger("alice3d.landmark")
+
+DEFAULT_MEMORY_MB = 4096.0  # embeddings an EmbeddingStore holds by default (decoded arrays, not mapped)
 
 
 @dataclass
 class Embedding:
     """Embeddings of one volume; grids are RAS-ordered and tied to world by their affines."""
 
-    fine: torch.Tensor  # (Xf, Yf, Zf, D), unit vectors (float16 on CPU, memory-mapped from the cache)
+    fine: torch.Tensor  # (Xf, Yf, Zf, D), unit vectors (float16 on CPU)
     coarse: torch.Tensor  # (Xc, Yc, Zc, D) float32
     fine_affine: np.ndarray  # (4, 4) fine index -> world mm
     coarse_affine: np.ndarray  # (4, 4)
@@ -80,7 +89,10 @@ class EmbeddingSource(Protocol):
         """The embedding of image ``key``; None when there is none; CacheError when it is unusable."""
 
     def put(self, emb: Embedding) -> Embedding:
-        """Keep ``emb``; returns the copy to use from now on (e.g. memory-mapped from the file)."""
+        """Keep ``emb``; returns the embedding to use from now on."""
+
+    def exists(self, key: str, name: str) -> bool:
+        """Whether an entry for ``key`` is there (not read or checked: cheap)."""
 
 
 def _embedding_meta(emb: Embedding, model_key: str) -> dict:
@@ -93,9 +105,19 @@ def _embedding_arrays(emb: Embedding) -> dict:
     return {"body": emb.body.numpy().astype(np.uint8), "fine": emb.fine.numpy(), "coarse": emb.coarse.numpy()}
 
 
-def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool) -> Embedding:
-    """The embedding file at ``path`` (memory-mapped); CacheError when it is not ``key``'s under ``model_key``."""
-    arrays, meta = read_entry(path, verify=verify, expect_meta={"image_key": key, "model_key": model_key})
+def write_embedding(path: Path, emb: Embedding, model_key: str) -> Path:
+    """``emb`` as the zarr group ``path`` (fine float16, coarse float32, body uint8 and the meta)."""
+    return write_group(path, _embedding_arrays(emb), _embedding_meta(emb, model_key))
+
+
+def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool = True) -> Embedding:
+    """The embedding entry (zarr group) at ``path``, decoded into memory; CacheError when it is not
+    ``key``'s under ``model_key`` or does not read back whole.
+
+    Every chunk's crc32c is checked as zarr decodes it, whatever ``verify`` says (kept for the
+    callers of the older format, whose checksums could be skipped).
+    """
+    arrays, meta = read_group(path, expect_meta={"image_key": key, "model_key": model_key})
     try:
         fine, coarse, body = arrays["fine"], arrays["coarse"], arrays["body"]
         emb = Embedding(
@@ -106,55 +128,60 @@ def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool
             key=key, name=meta.get("name", name), body=torch.from_numpy(np.asarray(body, dtype=bool)),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{path}: header misses a field ({e})") from None
-    if fine.ndim != 4 or coarse.ndim != 4 or fine.shape[-1] != coarse.shape[-1] or body.shape != fine.shape[:-1]:
-        raise CacheError(f"{path}: unexpected array shapes fine {fine.shape}, coarse {coarse.shape}, "
+        raise CacheError(f"{path}: entry metadata misses a field ({e})") from None
+    if fine.dtype != np.float16 or fine.ndim != 4 or coarse.ndim != 4 or fine.shape[-1] != coarse.shape[-1] or body.shape != fine.shape[:-1]:
+        raise CacheError(f"{path}: unexpected arrays fine {fine.dtype} {fine.shape}, coarse {coarse.shape}, "
                          f"body {body.shape}")
     return emb
 
 
 class DiskEmbeddingCache:
-    """``CACHE/<model key[:20]>/<image key>.emb`` files (format: :mod:`landmark.embed_cache`).
+    """``CACHE/<model key[:20]>/<image key>.zarr`` entries (zarr groups: :mod:`landmark.embed_cache`).
 
     ``max_bytes``: cap of the whole cache directory, enforced after every write (None: no cap).
-    ``verify``: check the checksums of entries read from disk.
+    ``verify``: kept for compatibility; chunks are always checksum-checked on read.
+    ``writable=False``: entries are read, never written (``put`` keeps the embedding in memory).
+    Older ``.emb`` files in the cache are reported once (per process and cache) and never read.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, model_key: str, max_bytes: int | None, verify: bool = True):
+    def __init__(self, cache_dir: str | os.PathLike, model_key: str, max_bytes: int | None, verify: bool = True,
+                 writable: bool = True):
         self.cache_dir, self.model_key = Path(cache_dir), model_key
-        self.max_bytes, self.verify = max_bytes, verify
+        self.max_bytes, self.verify, self.writable = max_bytes, verify, writable
 
     def path(self, key: str) -> Path:
-        return self.cache_dir / self.model_key[:20] / f"{key}.emb"
+        """The entry's folder."""
+        return self.cache_dir / self.model_key[:20] / f"{key}{GROUP_SUFFIX}"
+
+    def exists(self, key: str, name: str = "") -> bool:
+        return (self.path(key) / "zarr.json").is_file()
 
     def get(self, key: str, name: str) -> Embedding | None:
+        note_old_entries(self.cache_dir, how="`alice3d-landmark cache --clear` deletes them with the rest of "
+                                             f"the cache, or `rm {self.cache_dir}/*/*.emb` only them")
         path = self.path(key)
-        return self._read(path, key, name, self.verify) if path.exists() else None
+        return read_embedding(path, key, self.model_key, name, self.verify) if path.exists() else None
 
     def put(self, emb: Embedding) -> Embedding:
+        if not self.writable:
+            return emb
         path = self.path(emb.key)
         try:
-            write_entry(path, _embedding_arrays(emb), _embedding_meta(emb, self.model_key))
+            write_embedding(path, emb, self.model_key)
         except OSError as e:
             log.warning("could not write embedding cache %s (%s); continuing without it", path, e)
             return emb
         trim_cache(self.cache_dir, self.max_bytes, path)
-        try:
-            return self._read(path, emb.key, emb.name, verify=False)  # memory-mapped, not resident
-        except CacheError as e:  # evicted at once by another process
-            log.debug("keeping the embedding in memory: %s", e)
-            return emb
-
-    def _read(self, path: Path, key: str, name: str, verify: bool) -> Embedding:
-        return read_embedding(path, key, self.model_key, name, verify)
+        return emb  # already in memory; the entry is for the next process
 
 
 class StoreEmbeddings:
-    """Embeddings inside a volume store: ``STORE/cases/<case>/landmark/<model key[:20]>.emb``.
+    """Embeddings inside a volume store: ``STORE/cases/<case>/landmark/<model key[:20]>.zarr``.
 
-    Same file format as the disk cache (memory-mapped, CRC-checked, never evicted). A case is
+    Same entries as the disk cache (zarr groups, checksum-checked, never evicted). A case is
     found by its image key once :meth:`register` has tied the key to the case.
-    ``writable=False``: read only (``put`` keeps the embedding where it is).
+    ``writable=False``: read only (``put`` keeps the embedding where it is). Older ``.emb``
+    files of the store are reported once (per process and store) and never read.
     """
 
     def __init__(self, store_root: str | os.PathLike, model_key: str, writable: bool = True, verify: bool = True):
@@ -165,11 +192,21 @@ class StoreEmbeddings:
         self.cases[key] = case
 
     def path(self, case: str) -> Path:
-        return self.root / "cases" / case / "landmark" / f"{self.model_key[:20]}.emb"
+        """The case's entry folder."""
+        return self.root / "cases" / case / "landmark" / f"{self.model_key[:20]}{GROUP_SUFFIX}"
+
+    def case_exists(self, case: str) -> bool:
+        """Whether case ``case`` has a finished entry for this model (not read or checked: cheap)."""
+        return (self.path(case) / "zarr.json").is_file()
+
+    def exists(self, key: str, name: str = "") -> bool:
+        case = self.cases.get(key)
+        return case is not None and self.case_exists(case)
 
     def get(self, key: str, name: str) -> Embedding | None:
+        note_old_entries(self.root, "cases/*/landmark/*.emb", how=f"`rm {self.root}/cases/*/landmark/*.emb`")
         case = self.cases.get(key)
-        if case is None or not self.path(case).is_file():
+        if case is None or not self.path(case).exists():
             return None
         return read_embedding(self.path(case), key, self.model_key, name, self.verify)
 
@@ -177,22 +214,21 @@ class StoreEmbeddings:
         case = self.cases.get(emb.key)
         if case is None or not self.writable:
             return emb
-        path = self.path(case)
-        write_entry(path, _embedding_arrays(emb), _embedding_meta(emb, self.model_key))
-        return read_embedding(path, emb.key, self.model_key, emb.name, verify=False)
+        write_embedding(self.path(case), emb, self.model_key)
+        return emb
 
 
 class EmbeddingStore:
     """Memory LRU of ``memory_items`` embeddings -> ``sources`` in order -> ``compute(volume, key, name)``.
 
-    ``memory_mb``: also keep the embeddings held at most this many MB (their arrays' sizes,
-    memory-mapped or not; None: no such cap), so a process that visits many volumes stays
-    bounded. A computed embedding is put into every source. ``stats`` counts where each one
+    ``memory_mb``: also keep the embeddings held at most this many MB (their arrays' sizes;
+    default ``DEFAULT_MEMORY_MB``, None: no such cap), so a process that visits many volumes stays
+    bounded (the most recent embedding is kept even when it alone is larger). A computed embedding is put into every source. ``stats`` counts where each one
     came from.
     """
 
     def __init__(self, compute: Callable[[object, str, str], Embedding], sources: Sequence[EmbeddingSource] = (),
-                 memory_items: int = 32, memory_mb: float | None = None):
+                 memory_items: int = 32, memory_mb: float | None = DEFAULT_MEMORY_MB):
         self.compute, self.sources, self.memory_items = compute, list(sources), memory_items
         self.memory_mb = memory_mb
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
@@ -224,6 +260,23 @@ class EmbeddingStore:
         self._trim()
         return emb
 
+    def exists(self, key: str, name: str = "") -> bool:
+        """Whether the memory holds ``key`` or a source has an entry for it (not read or checked)."""
+        return key in self._memory or any(s.exists(key, name) for s in self.sources if hasattr(s, "exists"))
+
+    @contextmanager
+    def read_only(self) -> Iterator[None]:
+        """Within the block, sources are read but nothing computed is written into them (a one-off
+        job that will not read its embeddings again); each source's setting is restored after."""
+        saved = [(s, s.writable) for s in self.sources if hasattr(s, "writable")]
+        for s, _ in saved:
+            s.writable = False
+        try:
+            yield
+        finally:
+            for s, w in saved:
+                s.writable = w
+
     def has(self, key: str, name: str = "") -> bool:
         """Whether the memory or a source holds ``key``'s embedding (a source's unusable entry: no)."""
         return key in self._memory or self._from_sources(key, name, count=False) is not None
@@ -252,4 +305,6 @@ class EmbeddingStore:
 
 
 def _nbytes(emb: Embedding) -> int:
-    return int(emb.fine.nelement() * emb.fine.element_size() + emb.coarse.nelement() * emb.coarse.element_size())
+    """Bytes of the arrays an embedding holds."""
+    tensors = [emb.fine, emb.coarse] + ([emb.body] if emb.body is not None else [])
+    return int(sum(t.nelement() * t.element_size() for t in tensors))

@@ -10,15 +10,15 @@ import numpy as np
 import torch
 
 from alice3d.config import save_config, to_dict
-from alice3d.data.volumes import load_volume_set, resolve_image_paths
+from alice3d.data.loading import load_run_volumes
+from alice3d.runtime import progress
 from alice3d.train.checkpoint import atomic_save
 from alice3d.train.module import TrainModule
 from alice3d.train.trainer import Trainer
 from landmark.config import LandmarkConfig
 from landmark.loss import landmark_loss
-from landmark.match import window_channels
 from landmark.model import LandmarkNet, build_model
-from landmark.sampling import TrainVolume, ViewPairDataset, make_train_volume
+from landmark.sampling import HUArray, HUTrainVolume, TrainVolume, ViewPairDataset, make_hu_train_volume
 
 log = logging.getLogger("alice3d.landmark")
 
@@ -62,9 +62,9 @@ def save_landmark_model(net: LandmarkNet, cfg: LandmarkConfig, path: str | Path)
     return atomic_save({"state_dict": state, "metadata": model_metadata(cfg)}, path)
 
 
-def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir: str | Path,
+def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume | HUTrainVolume], run_dir: str | Path,
                    resume: bool = False) -> Path | None:
-    """Train on in-memory volumes; writes RUN/config.yaml, RUN/metrics.jsonl, RUN/landmark.pt.
+    """Train on ``volumes`` (:func:`load_train_volumes`); writes RUN/config.yaml, RUN/metrics.jsonl, RUN/landmark.pt.
 
     Returns the path of landmark.pt, or None when a signal interrupted the run: its checkpoint is
     saved for ``--resume`` and no model is written from the partial weights.
@@ -87,23 +87,38 @@ def train_landmark(cfg: LandmarkConfig, volumes: Sequence[TrainVolume], run_dir:
     return out
 
 
-def load_train_volumes(cfg: LandmarkConfig, bad: list | None = None) -> list[TrainVolume]:
-    """Read every volume once (RAS, model spacing, input windows) and keep it in memory.
+def load_train_volumes(cfg: LandmarkConfig, bad: list | None = None) -> list[HUTrainVolume]:
+    """The run's volumes as HU sources that training views are cut from, view by view.
 
-    Volumes smaller than the training crop are bad data like unreadable ones (quarantined or
-    fatal per ``data.on_bad_data``); ``bad``, when given, receives their ``(path, reason)``.
+    ``data.store`` decides as in pretraining (:func:`alice3d.data.loading.load_run_volumes`): a
+    volume store (given as ``data.data``, or built once under ``$ALICE3D_CACHE/stores`` from the
+    phantom cohort or raw data of at least ``data.store_min_volumes`` volumes) is read chunk by
+    chunk, so memory does not grow with the cohort; smaller raw data is held in memory as int16 HU.
+    Only the seed points (``(K, 3)`` int32, at most 20,000 per volume) are kept per volume; the
+    input windows are computed per view. Volumes smaller than the training crop are bad data like
+    unreadable ones (quarantined or fatal per ``data.on_bad_data``); ``bad``, when given, receives
+    their ``(path, reason)``.
     """
-    paths = resolve_image_paths(cfg.data.data, cfg.data.phantom_n, cfg.data.phantom_seed)
-    vset = load_volume_set(paths, cfg.data.spacing, cfg.data.hu_window, cfg.data.on_bad_data,
-                           min_shape=cfg.crop.size, min_volumes=1)
+    vset = load_run_volumes(cfg.data, min_shape=cfg.crop.size, min_volumes=1)
     log.info("%s", vset.summary())
     if bad is not None:
         bad.extend(vset.bad)
-    lo, hi = cfg.data.hu_window
+    lo, hi = (float(w) for w in cfg.data.hu_window)
+    windows = [(lo, hi), *[tuple(w) for w in cfg.model.extra_windows]]
     out = []
-    for i, v in enumerate(vset.volumes):
-        # Extra windows lie inside the primary one, so HU is recovered exactly where they need it.
-        hu = v.array.astype(np.float32) * (hi - lo) + lo
-        image = window_channels(hu, cfg.data.hu_window, cfg.model.extra_windows)
-        out.append(make_train_volume(image, v.affine, cfg.crop.body_threshold, name=Path(v.path).name, seed=i))
+    volumes = vset.volumes
+    for i in progress(range(len(volumes)), desc="training volumes", unit="volume", logger=log,
+                      enabled=vset.store is not None):
+        v = volumes[i]
+        if vset.store is not None:
+            source = v
+        else:
+            # in memory, windowed to [0, 1] in data.hu_window: back to HU, where the extra windows lie
+            source = HUArray(np.rint(v.array.astype(np.float32) * (hi - lo) + lo))
+            volumes[i] = None  # the float32 copy goes as soon as its int16 one exists
+        out.append(make_hu_train_volume(source, v.affine, windows, cfg.crop.body_threshold,
+                                        name=Path(v.path).name if v.path else f"#{i}", seed=i))
+    where = (f"views read from the volume store {vset.store.root}" if vset.store is not None
+             else "volumes held in memory as int16 HU")
+    log.info("landmark training on %d volumes: %s", len(out), where)
     return out

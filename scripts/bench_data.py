@@ -2,7 +2,8 @@
 
     python scripts/bench_data.py [--landmark RUN/landmark.pt] [--workers 0 1 2] [--json out.json]
 
-Pairs come from the real pretraining data path (``landmark.pairs.pair_dataset``:
+Pairs come from the real pretraining data path (``landmark.prepare.prepare_pairs``, then
+``landmark.pairs.pair_dataset``:
 volumes loaded once into memory, landmark embeddings cached on disk, one match per pair,
 crops cut in memory), read through a ``DataLoader`` with the trainer's settings, once per
 worker count. Per-worker figure = total / workers (the main process counts as one worker
@@ -63,10 +64,13 @@ def matcher_device(train_device: str, workers: int) -> str:
 def build_dataset(cfg, device: str | None = None):
     """(pairs dataset, its data report, setup seconds) through ``landmark.pairs.pair_dataset``."""
     from landmark.pairs import pair_dataset
+    from landmark.prepare import prepare_pairs
 
     start = time.perf_counter()
+    device = device or cfg.train.device
+    prepared = prepare_pairs(cfg.data, cfg.pairs, cfg.alice.img_size, landmark=cfg.landmark, device=device)
     dataset, report = pair_dataset(cfg.data, cfg.pairs, cfg.alice.img_size, landmark=cfg.landmark,
-                                   device=device or cfg.train.device, seed=cfg.train.seed)
+                                   device=device, seed=cfg.train.seed, prepared=prepared)
     return dataset, report, time.perf_counter() - start
 
 

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when imported from elsewhere
 
 import bench_common as bc  # noqa: E402
+from landmark.embed_cache import entry_bytes  # noqa: E402
 
 
 def _timed(fn, repeats: int = 1) -> tuple[float, object]:
@@ -60,7 +61,7 @@ def time_embedding(model, vols, cache: str | Path, device: str, **matcher_kw) ->
         embs.append(emb)
     bc.synchronize(torch.device(device))
     result = {"embed_s_per_volume": [round(t, 3) for t in t_embed], "fine_grid": list(embs[0].fine_shape),
-              "cache_mb_per_volume": round(sum(f.stat().st_size for f in Path(cache).rglob("*.emb")) / len(vols) / 2**20, 1)}
+              "cache_mb_per_volume": round(sum(entry_bytes(f) for f in Path(cache).rglob("*.zarr")) / len(vols) / 2**20, 1)}
     warm = Matcher(model, cache_dir=cache, device=device, consistency="none", **matcher_kw)
     t_load, _ = _timed(lambda: [warm.embed(v) for v in vols])
     result["cache_load_s_per_volume"] = round(t_load / len(vols), 3)
@@ -88,8 +89,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from alice3d.analysis.landmark_accuracy import sample_body_points
     from landmark.config import LandmarkConfig
-    from landmark.evaluate import sample_body_points
     from landmark.match import Matcher
     from landmark.model import build_model
 

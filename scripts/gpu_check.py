@@ -500,7 +500,7 @@ def landmark(ctx: Context, res: dict) -> None:
     """Embedding of one abdomen-sized phantom and 100 batched queries with the shipped default model."""
     import numpy as np
 
-    from landmark.evaluate import sample_body_points
+    from alice3d.analysis.landmark_accuracy import sample_body_points
     from landmark.match import Matcher
 
     p = ctx.preset

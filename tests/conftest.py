@@ -3,6 +3,7 @@
 import socket
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -12,3 +13,13 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, the previous count restored after it. Tiny tensors on a
+    shared 2-core machine run far faster single-threaded (extra OpenMP threads only spin-wait).
+    A module that wants it for every test says ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -25,6 +25,7 @@ import numpy as np
 
 from alice3d.data.datalists import BTCV_LABELS
 from alice3d.data.phantom import held_out_phantom
+from alice3d.finetune.metrics import dice_per_class
 
 
 def run_stage(name: str, cmd: list[str], done_marker: Path, log: list[dict]) -> None:
@@ -42,12 +43,11 @@ def run_stage(name: str, cmd: list[str], done_marker: Path, log: list[dict]) -> 
 
 
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
-    out = {}
-    for k, name in labels.items():
-        p, r = pred == k, ref == k
-        denom = p.sum() + r.sum()
-        out[name] = float(2.0 * np.logical_and(p, r).sum() / denom) if denom else float("nan")
-    return out
+    """``{organ name: Dice}`` of two label maps of one shape, scored by the fine-tuning metric
+    (`alice3d.finetune.metrics.dice_per_class`): NaN for an organ absent from both, 0 for one
+    present in only one of them."""
+    ids = list(labels)
+    return {labels[k]: float(v) for k, v in zip(ids, dice_per_class(pred, ref, ids))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lm, pt, ft, bundle = out / "landmark", out / "pretrain", out / "finetune", out / "bundle"
     held = out / "heldout"
-    run_stage("landmark training", [py, "-m", "landmark.cli", "train", "--out", str(lm), *steps(args.landmark_steps)],
+    run_stage("landmark training", [py, "-m", "alice3d.cli.landmark", "train", "--out", str(lm), *steps(args.landmark_steps)],
               lm / "landmark.pt", log)
     run_stage("Alice pretraining", [py, "-m", "alice3d.cli.pretrain", "--landmark", str(lm / "landmark.pt"),
                                     "--out", str(pt), *steps(args.pretrain_steps)], pt / "encoder.pt", log)

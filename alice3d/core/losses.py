@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .dist import all_gather_with_grad, all_reduce_sum, rank, world_size
 
-__all__ = ["normalize_patches", "masked_mse", "negative_cosine", "info_nce", "DINOLoss"]
+__all__ = ["normalize_patches", "masked_mse", "negative_cosine", "info_nce", "info_nce_logits", "DINOLoss"]
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -62,28 +62,77 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -(p * z).sum(dim=-1).mean()
 
 
+def info_nce_logits(
+    pos: torch.Tensor, neg: torch.Tensor, temperature: float, neg_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean InfoNCE from similarities already computed: ``pos (N, 1)``, ``neg (N, K)``.
+
+    Per row: ``-log(exp(pos/t) / (exp(pos/t) + sum_k exp(neg_k/t)))``. ``neg_valid (N, K)`` bool,
+    False = that slot holds no negative and is left out of the sum (a row with none left gives
+    0). For callers that mine negatives per anchor or build the similarities themselves (the
+    landmark pixel loss reads them off a small matmul instead of a ``(N, K, D)`` gather).
+    """
+    if pos.ndim != 2 or pos.shape[1] != 1 or neg.ndim != 2 or neg.shape[0] != pos.shape[0]:
+        raise ValueError(f"info_nce_logits: expected pos (N, 1) and neg (N, K), got {tuple(pos.shape)} and "
+                         f"{tuple(neg.shape)}")
+    pos, neg = _upcast(pos), _upcast(neg)
+    if neg_valid is not None:
+        if neg_valid.shape != neg.shape:
+            raise ValueError(f"info_nce_logits: neg_valid {tuple(neg_valid.shape)} must match neg {tuple(neg.shape)}")
+        neg = neg.masked_fill(~neg_valid, float("-inf"))
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
 def info_nce(
-    q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, gather: bool = False, self_negatives: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    temperature: float = 0.2,
+    gather: bool = False,
+    self_negatives: bool = False,
+    *,
+    negatives: torch.Tensor | None = None,
+    neg_valid: torch.Tensor | None = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """InfoNCE: row i of q `(N, D)` is positive with row i of k `(N, D)`, negatives = other rows of k.
 
     Leading axes beyond one are flattened (`(B, T, D)` -> `(B*T, D)` rows). Both are
-    l2-normalised. With `gather=True` under torch.distributed (world > 1), k is gathered from
-    all ranks (gradient flows to the local slice) and labels are offset by `rank * N`, so the
-    mean of the rank losses equals the single-process loss on the concatenated batch. k is not
-    detached here.
+    l2-normalised (unless `normalize=False`). With `gather=True` under torch.distributed
+    (world > 1), k is gathered from all ranks (gradient flows to the local slice) and labels are
+    offset by `rank * N`, so the mean of the rank losses equals the single-process loss on the
+    concatenated batch. k is not detached here.
 
     `self_negatives=True` also puts the other rows of q in the denominator (ccMIM Eq. 7, the
     visible-visible pairs; SimCLR's NT-Xent from one side):
     `-log exp(q_i.k_i/t) / (sum_j exp(q_i.k_j/t) + sum_{j != i} exp(q_i.q_j/t))`, with q gathered
     like k when `gather` (gradient through every q term).
+
+    `negatives (N, K, D)` gives each row its own negatives instead of the other rows of k
+    (mined negatives, e.g. the landmark pixel loss), `neg_valid (N, K)` bool marks the filled
+    slots (False = left out): `-log exp(q_i.k_i/t) / (exp(q_i.k_i/t) + sum_k exp(q_i.n_ik/t))`,
+    see `info_nce_logits`. Not combinable with `gather` or `self_negatives`.
     """
     if q.shape != k.shape:
         raise ValueError(f"info_nce: q {tuple(q.shape)} and k {tuple(k.shape)} differ")
     d = q.shape[-1]
-    q = F.normalize(_upcast(q.reshape(-1, d)), dim=-1)
-    k = F.normalize(_upcast(k.reshape(-1, d)), dim=-1)
+    q = _upcast(q.reshape(-1, d))
+    k = _upcast(k.reshape(-1, d))
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     n = q.shape[0]
+    if negatives is not None:
+        if gather or self_negatives:
+            raise ValueError("info_nce: per-row negatives cannot be combined with gather or self_negatives")
+        if negatives.ndim != 3 or negatives.shape[0] != n or negatives.shape[2] != d:
+            raise ValueError(f"info_nce: negatives must be (N, K, D) = ({n}, K, {d}), got {tuple(negatives.shape)}")
+        negatives = _upcast(negatives)
+        if normalize:
+            negatives = F.normalize(negatives, dim=-1)
+        pos = (q * k).sum(-1, keepdim=True)
+        return info_nce_logits(pos, torch.einsum("nd,nkd->nk", q, negatives), temperature, neg_valid)
+    if neg_valid is not None:
+        raise ValueError("info_nce: neg_valid needs negatives (N, K, D)")
     offset = 0
     q_all = q
     if gather and world_size() > 1:

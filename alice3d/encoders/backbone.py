@@ -3,7 +3,8 @@
 A method config is a `BackboneConfig` plus the method's own fields, so the keys stay flat
 (`mae.encoder=swin_tiny`, `alice.img_size=[96,96,64]`) and every method validates its
 encoder the same way. `build_backbone(cfg)` returns a token encoder (`encoders.tokens`) for
-vit/swin/nnformer presets and a `ResNetEncoder` for resnet presets.
+vit/swin/nnformer presets and a `ResNetEncoder` for resnet presets; what differs between the
+families (building, mask unit) is the registry's `EncoderFamily`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from alice3d.config import ConfigError
-from alice3d.encoders.nnformer import build_nnformer_encoder
 from alice3d.encoders.registry import EncoderFamily, family_of, preset_names
-from alice3d.encoders.resnet import ResNetEncoder, build_resnet
-from alice3d.encoders.swin import NUM_STAGES, build_swin
-from alice3d.encoders.tokens import NNFormerTokens, SwinTokens, ViTTokens
-from alice3d.encoders.vit import vit_configs
 
 __all__ = ["BackboneConfig", "build_backbone", "unit_size", "with_cls_token"]
 
@@ -74,47 +70,20 @@ class BackboneConfig:
         unit = unit_size(self, prefix)
         if any(s % u or s < u for s, u in zip(self.img_size, unit)):
             raise ConfigError(
-                f"{prefix}.img_size: {list(self.img_size)} must be positive multiples of {_unit_name(family, unit)}"
+                f"{prefix}.img_size: {list(self.img_size)} must be positive multiples of {family.unit_name(unit)}"
             )
-        if family.kind != "resnet" and math.prod(s // u for s, u in zip(self.img_size, unit)) < 2:
+        if family.has_tokens and math.prod(s // u for s, u in zip(self.img_size, unit)) < 2:
             raise ConfigError(
                 f"{prefix}.img_size: {list(self.img_size)} holds a single mask unit {list(unit)}; masking needs at least 2"
             )
 
 
-def _unit_name(family: EncoderFamily, unit: tuple[int, ...]) -> str:
-    if family.kind == "vit":
-        return f"patch_size={unit[0]}"
-    what = {"swin": "the Swin mask unit (patch_size * 16)", "nnformer": "the nnFormer total stride",
-            "resnet": "the ResNet stride"}[family.kind]
-    return f"{what} {list(unit)}"
-
-
 def unit_size(cfg: BackboneConfig, prefix: str = "model") -> tuple[int, ...]:
     """Voxels per axis of one token / mask unit (ResNet: its total stride 32)."""
-    nd = cfg.spatial_dims
     family = cfg.family()
-    kind = family.kind if family else ""
-    merged = {**family.presets[cfg.encoder], **cfg.encoder_kwargs} if family else {}
-    if kind == "vit":
-        return (cfg.patch_size,) * nd
-    if kind == "swin":
-        patch = merged.get("patch_size", 2)
-        if not isinstance(patch, int) or patch < 1:
-            raise ConfigError(f"{prefix}.encoder_kwargs.patch_size: expected a positive int (Swin), got {patch!r}")
-        return (patch * 2**NUM_STAGES,) * nd
-    if kind == "nnformer":
-        stride = merged.get("patch_stride", (4, 4, 2))
-        stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
-        if len(stride) != nd:
-            raise ConfigError(
-                f"{prefix}.encoder_kwargs.patch_stride: expected {nd} values (spatial_dims={nd}), got {list(stride)}"
-            )
-        depth = len(merged.get("depths", (2, 2, 2, 2)))
-        return tuple(int(s) * 2 ** (depth - 1) for s in stride)
-    if kind == "resnet":
-        return (max(ResNetEncoder.stage_strides),) * nd
-    raise ConfigError(f"{prefix}.encoder: expected one of {preset_names()}, got {cfg.encoder!r}")
+    if family is None:
+        raise ConfigError(f"{prefix}.encoder: expected one of {preset_names()}, got {cfg.encoder!r}")
+    return tuple(family.unit(cfg, {**family.presets[cfg.encoder], **cfg.encoder_kwargs}, prefix))
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
@@ -122,21 +91,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     family = cfg.family()
     if family is None:
         raise ConfigError(f"model.encoder: expected one of {preset_names()}, got {cfg.encoder!r}")
-    img_size = tuple(cfg.img_size)
-    if family.kind == "vit":
-        kwargs: dict[str, Any] = dict(vit_configs[cfg.encoder])
-        kwargs.update(pos_embed_trainable=cfg.pos_embed_trainable, use_flash_attention=cfg.use_flash_attention,
-                      grad_checkpointing=cfg.grad_checkpointing)
-        kwargs.update(cfg.encoder_kwargs)
-        return ViTTokens(img_size=img_size, spatial_dims=cfg.spatial_dims, in_channels=cfg.in_channels,
-                         patch_size=cfg.patch_size, **kwargs)
-    if family.kind == "resnet":
-        return build_resnet(cfg.encoder, cfg.spatial_dims, cfg.in_channels, **cfg.encoder_kwargs)
-    overrides = {"use_checkpoint": cfg.grad_checkpointing, **cfg.encoder_kwargs}
-    if family.kind == "swin":
-        return SwinTokens(build_swin(cfg.encoder, cfg.spatial_dims, cfg.in_channels, **overrides), img_size)
-    net = build_nnformer_encoder(cfg.encoder, cfg.in_channels, spatial_dims=cfg.spatial_dims, **overrides)
-    return NNFormerTokens(net, img_size)
+    return family.build(cfg)
 
 
 def with_cls_token(cfg: BackboneConfig) -> BackboneConfig:

@@ -2,6 +2,8 @@
 
     num_tokens, grid        L mask units and their grid (row-major token order)
     patch_size              voxels per axis of one mask / reconstruction unit (tuple)
+    patch_dim               values per unit of `patchify(x, patch_size)`: prod(patch_size) * in_channels,
+                            the width of a pixel head (nnFormer's unit is anisotropic, e.g. 32x32x16)
     hidden_size             C of the output tokens
     embed_dim               width of the stem output, where a dense mask token is inserted
     has_mask_token          the encoder owns a learned mask token (nnFormer): encode_dense
@@ -47,6 +49,7 @@ class TokenEncoder(Protocol):
     hidden_size: int
     embed_dim: int
     has_mask_token: bool
+    patch_dim: int
 
     @property
     def net(self) -> nn.Module: ...
@@ -73,7 +76,13 @@ def _upsample_mask(mask: torch.Tensor, grid: tuple[int, ...], fine_grid: tuple[i
     return m
 
 
-class ViTTokens(ViTEncoder):
+class _PatchDim:
+    @property
+    def patch_dim(self) -> int:
+        return math.prod(self.patch_size) * self.in_channels
+
+
+class ViTTokens(_PatchDim, ViTEncoder):
     """The ViT itself plus the token interface: no wrapper, so parameter names, checkpoints
     and forward calls stay exactly those of `ViTEncoder`."""
 
@@ -97,7 +106,7 @@ class ViTTokens(ViTEncoder):
         return self(x)
 
 
-class SwinTokens(nn.Module):
+class SwinTokens(_PatchDim, nn.Module):
     """`SwinEncoder` (as `net`) on mask units of `unit_size` voxels; tokens are its last stage."""
 
     has_mask_token = False
@@ -130,7 +139,7 @@ class SwinTokens(nn.Module):
         return self.net.metadata()
 
 
-class NNFormerTokens(nn.Module):
+class NNFormerTokens(_PatchDim, nn.Module):
     """`NNFormerEncoder` (as `net`) on mask units of `total_stride` voxels (one last-stage token).
 
     The masked view runs densely with masked units replaced by a mask token on the stem grid

@@ -66,8 +66,8 @@ from alice3d.core.patches import patchify
 from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
 from alice3d.methods.casa import CASA
+from alice3d.methods.common import CPU_DECODER, CPU_VIT, TINY_DECODER, TINY_VIT, reconstruction_panels
 from alice3d.methods.decoder import MAEDecoder, check_decoder
-from alice3d.methods.mae import reconstruction_panels
 from alice3d.methods.views import (
     AliceViews,
     OnlineAugConfig,
@@ -77,7 +77,7 @@ from alice3d.methods.views import (
     strong_augment,
 )
 
-__all__ = ["AliceConfig", "Alice"]
+__all__ = ["AliceConfig", "Alice", "cpu_config", "TINY"]
 
 SIMILARITIES = ("cosine", "infonce", "dino")
 CASA_TARGETS = ("live", "ema")
@@ -155,6 +155,17 @@ class AliceConfig(BackboneConfig):
             self.online_aug.validate(prefix + ".online_aug")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def cpu_config() -> AliceConfig:
+    # Without BatchNorm in the head, a predictor and an EMA scaled to the run length, the
+    # paper's negative cosine collapses here within ~10 steps (target_std ~0.08); with them
+    # target_std stays ~0.8 (scripts/experiments/collapse_sweep.py, README "Pretraining").
+    return AliceConfig(**CPU_VIT, **CPU_DECODER, head_out_dim=128, head_hidden_dim=256, head_bottleneck_dim=64,
+                       head_bn=True, predictor_hidden_dim=256, predictor_norm="bn", ema_reference_steps=1500)
+
+
+TINY = {**TINY_VIT, **TINY_DECODER, "head_out_dim": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16}
 
 
 class Alice(PretrainMethod):

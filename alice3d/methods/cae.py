@@ -15,7 +15,6 @@ representations, one row per token (`alice3d.core.diagnostics`; 0 = collapse).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,10 +34,10 @@ from alice3d.core.pos_embed import sincos_pos_embed
 from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.encoders.vit import freeze_unused_cross_attn_norms
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.common import CPU_DECODER, CPU_VIT, TINY_DECODER, TINY_VIT, reconstruction_panels
 from alice3d.methods.decoder import check_decoder
-from alice3d.methods.mae import reconstruction_panels
 
-__all__ = ["CAEConfig", "CAE", "CrossAttentionBlock", "LatentRegressor", "MaskedDecoder"]
+__all__ = ["CAEConfig", "CAE", "CrossAttentionBlock", "LatentRegressor", "MaskedDecoder", "cpu_config", "TINY"]
 
 
 @dataclass
@@ -70,6 +69,13 @@ class CAEConfig(BackboneConfig):
             raise ConfigError(f"{prefix}.target_momentum: expected a value in [0, 1), got {self.target_momentum}")
         if self.min_block < 1:
             raise ConfigError(f"{prefix}.min_block: expected >= 1, got {self.min_block}")
+
+
+def cpu_config() -> CAEConfig:
+    return CAEConfig(**CPU_VIT, **CPU_DECODER)
+
+
+TINY = {**TINY_VIT, **TINY_DECODER, "min_block": 2, "regressor_depth": 1}
 
 
 class CrossAttentionBlock(nn.Module):
@@ -178,7 +184,7 @@ class CAE(PretrainMethod):
             cfg.decoder_dim,
             cfg.decoder_depth,
             cfg.decoder_heads,
-            math.prod(self.encoder.patch_size) * cfg.in_channels,
+            self.encoder.patch_dim,
         )
         # A separate target only when it can differ from the encoder (EMA); momentum 0 = weight copy.
         self.target = make_target(self.encoder) if cfg.target_momentum > 0 else None

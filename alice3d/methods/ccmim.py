@@ -41,10 +41,10 @@ from alice3d.core.patches import patchify
 from alice3d.encoders.backbone import BackboneConfig, build_backbone, with_cls_token
 from alice3d.encoders.vit import ViTEncoder
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.common import CPU_DECODER, CPU_PROJ, CPU_VIT, TINY_DECODER, TINY_PROJ, TINY_VIT, reconstruction_panels
 from alice3d.methods.decoder import MAEDecoder, check_decoder
-from alice3d.methods.mae import reconstruction_panels
 
-__all__ = ["CCMIMConfig", "CCMIM", "cls_attention_scores", "eq7_info_nce"]
+__all__ = ["CCMIMConfig", "CCMIM", "cls_attention_scores", "eq7_info_nce", "cpu_config", "TINY"]
 
 
 @dataclass
@@ -83,6 +83,13 @@ class CCMIMConfig(BackboneConfig):
             raise ConfigError(f"{prefix}.contrast_weight: expected >= 0, got {self.contrast_weight}")
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature: expected > 0, got {self.temperature}")
+
+
+def cpu_config() -> CCMIMConfig:
+    return CCMIMConfig(**CPU_VIT, **CPU_DECODER, **CPU_PROJ)
+
+
+TINY = {**TINY_VIT, **TINY_DECODER, **TINY_PROJ}
 
 
 @torch.no_grad()

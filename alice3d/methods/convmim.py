@@ -31,6 +31,7 @@ from alice3d.core.masking import MaskInfo, mask_to_image, random_masking
 from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.encoders.resnet import ResNetEncoder, insert_stem_mask_token
 from alice3d.methods.base import PretrainMethod, encoder_export
+from alice3d.methods.common import intensity_jitter
 from alice3d.methods.views import StrongAugConfig, affine_warp, random_affine
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "relative_transform",
     "intensity_jitter",
     "default_mask_patch",
+    "cpu_config",
+    "TINY",
 ]
 
 _DEFAULT_MASK_PATCH = {2: 32, 3: 16}
@@ -89,20 +92,16 @@ class ConvMIMConfig(BackboneConfig):
             raise ConfigError(str(e)) from None
 
 
+def cpu_config() -> ConvMIMConfig:
+    return ConvMIMConfig(encoder="resnet18_tiny", img_size=(64, 64, 32))
+
+
+TINY = {"img_size": (32, 32, 32), "encoder_kwargs": {"widths": [8, 8, 16, 16]}, "feature_dim": 8, "decoder_dim": 8}
+
+
 def relative_transform(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
     """t2 o t1^-1 as an `affine_warp` matrix: warping `affine_warp(x, a1)` with it gives `affine_warp(x, a2)`."""
     return torch.linalg.inv(a1.float()) @ a2.float()
-
-
-def intensity_jitter(
-    x: torch.Tensor, scale: float, shift: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Per-sample `x * (1 + U(-scale, scale)) + U(-shift, shift)` for `x (B, C, *spatial)`."""
-    b = x.shape[0]
-    gen_device = generator.device if generator is not None else x.device
-    u = torch.rand(2, b, generator=generator, device=gen_device).to(x.device, x.dtype)
-    view = (b,) + (1,) * (x.ndim - 1)
-    return x * (1 + scale * (2 * u[0] - 1)).view(view) + (shift * (2 * u[1] - 1)).view(view)
 
 
 def _pixel_shuffle(x: torch.Tensor, factor: int, channels: int) -> torch.Tensor:

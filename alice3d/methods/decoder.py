@@ -48,7 +48,7 @@ class MAEDecoder(nn.Module):
             decoder_dim=cfg.decoder_dim,
             depth=cfg.decoder_depth,
             num_heads=cfg.decoder_heads,
-            out_dim=math.prod(encoder.patch_size) * cfg.in_channels if pixels else 0,
+            out_dim=encoder.patch_dim if pixels else 0,
             use_flash_attention=cfg.use_flash_attention,
         )
 

@@ -1,4 +1,4 @@
-"""MAE baseline (He et al.) in 2D and 3D, plus the reconstruction panels the other MIM methods reuse.
+"""MAE baseline (He et al.) in 2D and 3D.
 
 Random masking (argsort of noise), encoder on the visible tokens only, lightweight
 transformer decoder with mask tokens, MSE on the masked patches against per-patch
@@ -16,13 +16,14 @@ import torch
 
 from alice3d.config import check_ratio
 from alice3d.core.losses import masked_mse
-from alice3d.core.masking import MaskInfo, mask_to_image, random_masking
-from alice3d.core.patches import as_tuple, patchify, unpatchify
+from alice3d.core.masking import MaskInfo, random_masking
+from alice3d.core.patches import patchify
 from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
+from alice3d.methods.common import CPU_DECODER, CPU_VIT, TINY_DECODER, TINY_VIT, reconstruction_panels
 from alice3d.methods.decoder import MAEDecoder, check_decoder
 
-__all__ = ["MAEConfig", "MAE", "reconstruction_panels"]
+__all__ = ["MAEConfig", "MAE", "cpu_config", "TINY"]
 
 
 @dataclass
@@ -41,32 +42,11 @@ class MAEConfig(BackboneConfig):
         check_decoder(self, prefix)
 
 
-def reconstruction_panels(
-    x: torch.Tensor,
-    masking: MaskInfo,
-    pred: torch.Tensor | None,
-    patch_size: int | tuple[int, ...],
-    norm_pix: bool,
-) -> dict[str, np.ndarray]:
-    """Channel 0 of the first sample: input, masked input and (if `pred`) the reconstruction.
+def cpu_config() -> MAEConfig:
+    return MAEConfig(**CPU_VIT, **CPU_DECODER)
 
-    x `(B, C, *spatial)`, pred `(B, L, P)`. With norm-pix the prediction is mapped back to pixels
-    with the target patch's own mean and (unbiased) variance; visible patches show the input.
-    """
-    x = x[:1].float()
-    nd = x.ndim - 2
-    patch = as_tuple(patch_size, nd)
-    grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
-    hidden = mask_to_image(masking.mask[:1], grid, patch).to(x.device)
-    panels = {"input": x, "masked": x * (1 - hidden)}
-    if pred is not None:
-        pred = pred[:1].float()
-        if norm_pix:
-            target = patchify(x, patch)
-            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
-        recon = unpatchify(pred, patch, grid, x.shape[1])
-        panels["reconstruction"] = x * (1 - hidden) + recon * hidden
-    return {name: t[0, 0].detach().cpu().numpy().astype(np.float32) for name, t in panels.items()}
+
+TINY = {**TINY_VIT, **TINY_DECODER}
 
 
 class MAE(PretrainMethod):

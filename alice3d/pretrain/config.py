@@ -1,31 +1,25 @@
 """`PretrainConfig`: the config of `alice3d-pretrain`. Its defaults are the embedded CPU-sized run;
 configs/pretrain/*.yaml carry the paper settings.
 
-One section per registered method (`alice3d.methods.METHODS`), named like the method, holds
-that method's config with CPU-sized defaults (ViT-tiny, 64x64x32 crops, small decoders).
+Besides its own keys it has one section per registered method (`alice3d.methods.METHODS`),
+named like the method and holding that method's config at the entry's CPU-sized defaults
+(`MethodEntry.defaults`: ViT-tiny, 64x64x32 crops, small decoders). The sections follow the
+registry: `register_method` / `unregister_method` rebuild the class's fields in place, so
+`valid_keys`, `load_config`, `save_config` and `from_dict` always see every method.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import typing
+from dataclasses import dataclass, field
 
-from alice3d.config import DataConfig, TrainConfig, check_choice, section
+from alice3d.config import ConfigError, DataConfig, TrainConfig, check_choice, forget_schemas, section
 from alice3d.data.slices import SliceConfig
-from alice3d.methods import METHODS
-from alice3d.methods.alice import AliceConfig
-from alice3d.methods.cae import CAEConfig
-from alice3d.methods.ccmim import CCMIMConfig
-from alice3d.methods.convmim import ConvMIMConfig
-from alice3d.methods.mae import MAEConfig
-from alice3d.methods.rmae import CMAEConfig, RMAEConfig
-from landmark.pairs import PairsConfig
+from alice3d.methods import METHODS, on_registry_change
+from landmark.config import PairsConfig
 
 __all__ = ["PretrainConfig", "PairsConfig"]
-
-# The tiny CPU backbone every ViT-based method shares in the embedded default.
-_CPU_VIT = dict(encoder="vit_tiny", img_size=(64, 64, 32))
-_CPU_DECODER = dict(decoder_dim=96, decoder_depth=2, decoder_heads=4)
-_CPU_PROJ = dict(proj_hidden_dim=256, proj_dim=64)
 
 
 def _cpu_data() -> DataConfig:
@@ -36,14 +30,6 @@ def _cpu_train() -> TrainConfig:
     return TrainConfig(max_steps=150, batch_size=4, lr=5e-4, warmup_steps=15, ckpt_every=50, preview_every=0)
 
 
-def _cpu_alice() -> AliceConfig:
-    # Without BatchNorm in the head, a predictor and an EMA scaled to the run length, the
-    # paper's negative cosine collapses here within ~10 steps (target_std ~0.08); with them
-    # target_std stays ~0.8 (scripts/experiments/collapse_sweep.py, README "Pretraining").
-    return AliceConfig(**_CPU_VIT, **_CPU_DECODER, head_out_dim=128, head_hidden_dim=256, head_bottleneck_dim=64,
-                       head_bn=True, predictor_hidden_dim=256, predictor_norm="bn", ema_reference_steps=1500)
-
-
 @dataclass
 class PretrainConfig:
     method: str = "alice"
@@ -52,16 +38,13 @@ class PretrainConfig:
     data: DataConfig = section(_cpu_data)
     pairs: PairsConfig = section(PairsConfig)  # Alice
     slices: SliceConfig = section(SliceConfig)  # 2D methods: which slices of the volumes
-    alice: AliceConfig = section(_cpu_alice)
-    mae: MAEConfig = section(lambda: MAEConfig(**_CPU_VIT, **_CPU_DECODER))
-    cae: CAEConfig = section(lambda: CAEConfig(**_CPU_VIT, **_CPU_DECODER))
-    ccmim: CCMIMConfig = section(lambda: CCMIMConfig(**_CPU_VIT, **_CPU_DECODER, **_CPU_PROJ))
-    rmae: RMAEConfig = section(lambda: RMAEConfig(**_CPU_VIT, **_CPU_DECODER))
-    cmae: CMAEConfig = section(lambda: CMAEConfig(**_CPU_VIT, **_CPU_PROJ))
-    convmim: ConvMIMConfig = section(lambda: ConvMIMConfig(encoder="resnet18_tiny", img_size=(64, 64, 32)))
+    # + `<name>: <entry.config>` for every registered method, added by _sync_sections()
 
     def method_config(self):
         """The section of the chosen method."""
+        if not hasattr(self, self.method):
+            raise ConfigError(f"method: {self.method!r} has no section in this config (it was registered after the "
+                              f"config was built); registered: {sorted(METHODS)}")
         return getattr(self, self.method)
 
     def validate(self) -> None:
@@ -69,3 +52,35 @@ class PretrainConfig:
         check_choice("data.on_bad_data", self.data.on_bad_data, ["skip", "fail"])
         self.pairs.validate("pairs")
         self.method_config().validate(self.method)
+
+
+_OWN_FIELDS = dataclasses.fields(PretrainConfig)
+_OWN_TYPES = typing.get_type_hints(PretrainConfig)
+# What dataclasses generates from the field list: replaced together, so the class object (and
+# every isinstance check and its name in checkpoints) stays the same.
+_GENERATED = ("__annotations__", "__dataclass_fields__", "__init__", "__repr__", "__eq__", "__match_args__")
+
+
+def _own_field(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory)
+    return field(default=f.default)
+
+
+def _sync_sections() -> None:
+    """Make PretrainConfig's fields its own ones plus one section per entry of METHODS, in registry order."""
+    own = {f.name for f in _OWN_FIELDS}
+    clash = sorted(own & set(METHODS))
+    if clash:
+        raise ConfigError(f"method name(s) {clash} would replace PretrainConfig's own keys {sorted(own)}; "
+                          "register the method under another name")
+    spec = [(f.name, _OWN_TYPES[f.name], _own_field(f)) for f in _OWN_FIELDS]
+    spec += [(name, entry.config, field(default_factory=entry.default_config)) for name, entry in METHODS.items()]
+    built = dataclasses.make_dataclass("PretrainConfig", spec)
+    for attr in _GENERATED:
+        setattr(PretrainConfig, attr, built.__dict__[attr])
+    forget_schemas()  # memoised for the old field list of this same class object
+
+
+_sync_sections()
+on_registry_change(_sync_sections)

@@ -37,7 +37,8 @@ from alice3d.methods.cae import CAE, CAEConfig
 from alice3d.methods.ccmim import CCMIM, CCMIMConfig
 from alice3d.methods.convmim import ConvMIM, ConvMIMConfig
 from alice3d.methods.mae import MAE, MAEConfig
-from alice3d.methods.rmae import CMAE, RMAE, CMAEConfig, RMAEConfig
+from alice3d.methods.cmae import CMAE, CMAEConfig
+from alice3d.methods.rmae import RMAE, RMAEConfig
 from alice3d.train.trainer import Trainer
 from alice3d.viz.plots import PALETTE, draw_lines, new_figure, save_figure
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from landmark.cli import main
+from alice3d.cli.landmark import main
 
 TINY = ["data.spacing=[8,8,8]", "crop.size=[32,32,16]", "model.stem_width=4", "model.widths=[8,8,8,8]",
         "model.fpn_dim=8", "model.embed_dim=16", "train.batch_size=2", "train.device=cpu", "train.ckpt_every=1",
@@ -87,7 +87,7 @@ def test_match_prints_json_lines_and_png(run, cohort, tmp_path, capsys):
     img = read_png(png)
     assert img.ndim == 3 and img.shape[0] > 50
     # second run: embeddings come from the cache
-    assert len(list((tmp_path / "cache").rglob("*.emb"))) == 2
+    assert len(list((tmp_path / "cache").rglob("*.zarr"))) == 2
 
 
 @pytest.mark.parametrize("mode", ["affine", "none"])
@@ -132,11 +132,11 @@ def test_embed_command_caches(run, cohort, tmp_path, capsys):
     assert _main(args) == 0
     out = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
     assert len(out) == 2 and all(o["cache"] and o["fine_shape"] == [16, 16, 12] for o in out)
-    assert len(list(tmp_path.rglob("*.emb"))) == 2
+    assert len(list(tmp_path.rglob("*.zarr"))) == 2
 
 
 def test_console_script_help():
-    res = subprocess.run([sys.executable, "-m", "landmark.cli", "--help"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "alice3d.cli.landmark", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "train" in res.stdout and "match" in res.stdout
 
 
@@ -201,12 +201,13 @@ def test_bad_points_file_is_one_clear_line(run, cohort, tmp_path, capsys):
 def _cache_entries(root):
     import os
 
-    from landmark.embed_cache import write_entry
+    from landmark.embed_cache import write_entry, write_group
 
     made = []
-    for name, mtime in (("m1/aaaa.emb", 1_600_000_000), ("m1/pairs/pppp.pair", 1_600_000_100),
-                        ("m2/bbbb.emb", 1_700_000_000)):
-        path = write_entry(root / name, {"a": np.zeros(256, np.float32)}, {})
+    for name, mtime in (("m1/aaaa.zarr", 1_600_000_000), ("m1/pairs/pppp.pair", 1_600_000_100),
+                        ("m2/bbbb.zarr", 1_700_000_000)):
+        write = write_entry if name.endswith(".pair") else write_group
+        path = write(root / name, {"a": np.zeros(256, np.float32)}, {})
         os.utime(path, (mtime, mtime))
         made.append(path)
     (root / "keep.txt").write_text("not a cache entry")
@@ -216,8 +217,10 @@ def _cache_entries(root):
 def test_cache_info_reports_entries_size_cap_and_ages(tmp_path, capsys, monkeypatch):
     import time
 
+    from landmark.embed_cache import entry_bytes
+
     made = _cache_entries(tmp_path)
-    total = sum(p.stat().st_size for p in made)
+    total = sum(entry_bytes(p) for p in made)
     monkeypatch.setenv("ALICE3D_CACHE_MAX_GB", "5")
     capsys.readouterr()
     assert _main(["cache", "--info", "--cache-dir", str(tmp_path)]) == 0
@@ -236,8 +239,10 @@ def test_cache_info_reports_entries_size_cap_and_ages(tmp_path, capsys, monkeypa
 
 
 def test_cache_clear_removes_only_entries(tmp_path, capsys):
+    from landmark.embed_cache import entry_bytes
+
     made = _cache_entries(tmp_path)
-    total = sum(p.stat().st_size for p in made)
+    total = sum(entry_bytes(p) for p in made)
     capsys.readouterr()
     assert _main(["cache", "--clear", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == f"removed 3 cache entries ({total / 1e3:.2f} kB) from {tmp_path}\n"

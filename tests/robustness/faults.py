@@ -82,7 +82,7 @@ class Command:
 
 PRETRAIN = Command("pretrain", "alice3d.cli.pretrain", (), "--data", tuple(PRETRAIN_TINY), "PretrainConfig",
                    "encoder.pt")
-LANDMARK = Command("landmark", "landmark.cli", ("train",), "--data", tuple(LANDMARK_TINY), "LandmarkConfig",
+LANDMARK = Command("landmark", "alice3d.cli.landmark", ("train",), "--data", tuple(LANDMARK_TINY), "LandmarkConfig",
                    "landmark.pt")
 FINETUNE = Command("finetune", "alice3d.cli.finetune", ("--task", "btcv"), "--data-root", tuple(FINETUNE_TINY),
                    "FinetuneConfig", "results.json")

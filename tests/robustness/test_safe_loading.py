@@ -18,7 +18,7 @@ REFUSED = "refused to load"
 
 
 def _call_landmark(argv) -> int:
-    from landmark.cli import main
+    from alice3d.cli.landmark import main
 
     try:
         main([str(a) for a in argv])
@@ -75,17 +75,18 @@ def test_malicious_embedding_cache_entry_is_refused_and_recomputed(cohort, tiny_
     image = cohort / "imagesTr" / "img0001.nii.gz"
     args = ["embed", "--model", tiny_landmark_model, "--cache-dir", cache, image]
     assert _call_landmark(args) == 0
-    (entry,) = cache.rglob("*.emb")
-    write_malicious(entry, marker)  # same name, pickle inside
+    (entry,) = cache.rglob("*.zarr")
+    shutil.rmtree(entry)
+    write_malicious(entry, marker)  # same name, a pickle file instead of the zarr group
     capsys.readouterr()
     assert _call_landmark(args) == 0
     captured = capsys.readouterr()
-    assert "embedding cache entry unusable, recomputing" in captured.err and "bad magic" in captured.err
+    assert "embedding cache entry unusable, recomputing" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["cache"] == str(entry)
     assert not marker.exists()
-    from landmark.embed_cache import read_entry
+    from landmark.embed_cache import read_group
 
-    arrays, _ = read_entry(entry)  # replaced by a valid entry
+    arrays, _ = read_group(entry)  # replaced by a valid entry
     assert set(arrays) == {"body", "fine", "coarse"}
 
 

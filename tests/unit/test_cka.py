@@ -10,12 +10,7 @@ from alice3d.encoders.vit import ViTEncoder
 from alice3d.viz.png import read_png
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cka_of_a_feature_with_itself_is_one_and_of_independent_features_near_zero():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alice3d.methods.rmae import CMAE, CMAEConfig
+from alice3d.methods.cmae import CMAE, CMAEConfig
 
 TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {2: (16, 16), 3: (8, 8, 8)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alice3d.core.losses import DINOLoss, info_nce, masked_mse, negative_cosine, normalize_patches
+from alice3d.core.losses import DINOLoss, info_nce, info_nce_logits, masked_mse, negative_cosine, normalize_patches
 
 # ---- masked_mse ---------------------------------------------------------------------------
 
@@ -98,6 +98,63 @@ def test_info_nce_gradcheck_flattens_tokens_and_gather_is_noop_without_dist():
     flat = info_nce(q.reshape(6, 4), k.reshape(6, 4), 0.3)
     torch.testing.assert_close(info_nce(q, k, 0.3), flat)
     torch.testing.assert_close(info_nce(q, k, 0.3, gather=True), flat)
+
+
+def test_info_nce_logits_hand_value_masked_slots_and_empty_rows():
+    pos = torch.tensor([[1.0], [0.5]])
+    neg = torch.tensor([[0.0, -1.0], [0.5, 2.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    # T = 0.5: row 0 logits 2 | 0, -2; row 1 logits 1 | 1 (the 2.0 slot is empty)
+    row0 = math.log(math.exp(2) + 1 + math.exp(-2)) - 2
+    row1 = math.log(2 * math.e) - 1
+    torch.testing.assert_close(info_nce_logits(pos, neg, 0.5, valid), torch.tensor((row0 + row1) / 2))
+    # a row without any negative costs nothing (log(e^p / e^p) = 0)
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    assert info_nce_logits(pos, neg, 0.5, none).item() == 0.0
+    with pytest.raises(ValueError, match="pos \\(N, 1\\)"):
+        info_nce_logits(pos[:, 0], neg, 0.5)
+    with pytest.raises(ValueError, match="neg_valid"):
+        info_nce_logits(pos, neg, 0.5, valid[:, :1])
+
+
+def test_info_nce_per_row_negatives_equal_the_batch_form_when_they_are_the_other_rows():
+    torch.manual_seed(0)
+    q = torch.randn(4, 5, dtype=torch.float64)
+    k = torch.randn(4, 5, dtype=torch.float64)
+    others = torch.stack([k[[j for j in range(4) if j != i]] for i in range(4)])  # (4, 3, 5)
+    # the unnormalised slots are normalised like q and k
+    torch.testing.assert_close(info_nce(q, k, 0.3, negatives=3.0 * others), info_nce(q, k, 0.3))
+    # a slot marked empty is as if it were not there
+    padded = torch.cat([others, torch.randn(4, 1, 5, dtype=torch.float64)], dim=1)
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[:, 3] = False
+    torch.testing.assert_close(info_nce(q, k, 0.3, negatives=padded, neg_valid=valid), info_nce(q, k, 0.3))
+
+
+def test_info_nce_without_normalising_uses_raw_dot_products():
+    q = torch.tensor([[2.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0]])
+    n = torch.tensor([[[0.0, 3.0], [1.0, 0.0]]])
+    # T = 1, raw: pos 2, negatives 0 and 2 -> log(e^2 + 1 + e^2) - 2; normalised: pos 1, negatives 0 and 1
+    torch.testing.assert_close(info_nce(q, k, 1.0, negatives=n, normalize=False),
+                               torch.tensor(math.log(2 * math.exp(2) + 1) - 2))
+    torch.testing.assert_close(info_nce(q, k, 1.0, negatives=n), torch.tensor(math.log(2 * math.e + 1) - 1))
+
+
+def test_info_nce_per_row_negatives_refuse_bad_combinations():
+    q = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="\\(N, K, D\\)"):
+        info_nce(q, q, negatives=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="gather or self_negatives"):
+        info_nce(q, q, negatives=torch.randn(3, 2, 4), self_negatives=True)
+    with pytest.raises(ValueError, match="neg_valid needs negatives"):
+        info_nce(q, q, neg_valid=torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_info_nce_per_row_negatives_half_precision_returns_float32():
+    q, k, n = torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16(), torch.randn(3, 2, 4).bfloat16()
+    loss = info_nce(q, k, 0.5, negatives=n)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 # ---- DINOLoss -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,12 +103,76 @@ def test_sections_after_the_run_budget_are_skipped(tmp_path, monkeypatch):
     assert sections["b"]["status"] == "skipped: the run's budget of 0.3 s was spent before this section"
 
 
-def test_full_preset_budgets_cover_every_section_and_fit_8_minutes():
-    assert set(gpu_check.FULL.budgets) == set(gpu_check.SECTIONS) == set(SECTIONS)
-    assert set(gpu_check.SMOKE.budgets) == set(SECTIONS)
-    assert sum(gpu_check.FULL.budgets.values()) <= gpu_check.FULL.total_budget_s <= 8 * 60 - 10
-    rows = gpu_check.FULL.alice_row_budgets
-    assert sum(rows.values()) <= gpu_check.FULL.budgets["alice_vit_b"]
+def _spin(*args, **kwargs):
+    while True:
+        pass
+
+
+def test_a_row_past_its_own_budget_is_stopped_and_the_next_row_still_runs(tmp_path):
+    ctx = _ctx(tmp_path)
+    res: dict = {}
+    try:
+        start = time.monotonic()
+        with ctx.deadlines.limit(5, "section"):
+            gpu_check._run_row(ctx, res, {"what": "hangs"}, _spin, budget=0.2, label="row_a")
+            gpu_check._run_row(ctx, res, {"what": "quick"}, lambda: {"value": 2.0}, budget=0.2, label="row_b")
+        took = time.monotonic() - start
+    finally:
+        ctx.deadlines.close()
+    hung, quick = res["rows"]
+    assert hung["status"] == "error: ran past its budget of 0.2 s (row_a)"
+    assert quick["status"] == "ok" and quick["value"] == 2.0
+    assert took < 3  # stopped at the row's 0.2 s, not at the section's 5 s
+
+
+def test_a_row_that_outlives_its_section_stops_the_section_not_just_the_row(tmp_path, monkeypatch):
+    def section(ctx, res):
+        gpu_check._run_row(ctx, res, {"what": "long"}, _spin, budget=30, label="row")
+        gpu_check._run_row(ctx, res, {"what": "never reached"}, lambda: {})
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"sec": section})
+    ctx = _ctx(tmp_path, budgets={"sec": 0.3})
+    try:
+        res = gpu_check.run_section(ctx, "sec")
+    finally:
+        ctx.deadlines.close()
+    assert res["status"] == "error: ran past its budget of 0.3 s (sec); the rows finished before are kept"
+    assert [r["what"] for r in res["rows"]] == ["long"] and "status" not in res["rows"][0]
+
+
+@pytest.mark.parametrize("preset", ["FULL", "SMOKE"])
+def test_every_section_runs_under_each_presets_budgets(tmp_path, monkeypatch, preset):
+    p = getattr(gpu_check, preset)
+    monkeypatch.setattr(gpu_check, "SECTIONS", {name: lambda ctx, res: None for name in gpu_check.SECTIONS})
+    ctx = gpu_check.Context(p, torch.device("cpu"), tmp_path, [])
+    try:
+        status = gpu_check.run(ctx, SECTIONS)
+    finally:
+        ctx.deadlines.close()
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert status == 0 and list(sections) == SECTIONS
+    assert all(r["status"] == "ok" and r["budget_s"] > 0 for r in sections.values()), sections
+
+
+def test_full_preset_row_budgets_stop_each_alice_row_under_its_own_name(tmp_path, monkeypatch):
+    """The full preset's Alice rows (scaled down 100x) each hang: each is stopped by its own
+    budget, so every row label the section uses has one and the section reaches all four."""
+    rows = {k: v / 100 for k, v in gpu_check.FULL.alice_row_budgets.items()}
+    p = replace(gpu_check.FULL, alice_row_budgets=rows, budgets={"alice_vit_b": 30.0})
+    monkeypatch.setattr(gpu_check, "_pretrain_row", _spin)
+    monkeypatch.setattr(gpu_check.Context, "peak", lambda self, dtype: {})
+    monkeypatch.setattr(gpu_check.bc, "compile_unavailable", lambda device: None)
+    ctx = gpu_check.Context(p, torch.device("cpu"), tmp_path, [])
+    try:
+        res = gpu_check.run_section(ctx, "alice_vit_b")
+    finally:
+        ctx.deadlines.close()
+    assert res["status"] == "ok"
+    labels = [f"{mode}_{m}" for mode in ("eager", "compile") for m in ("alice_vit", "alice_swin")]
+    assert [f"{'compile' if 'compile' in r['variant'] else 'eager'}_{r['method']}" for r in res["rows"]] == labels
+    assert [r["status"] for r in res["rows"]] == [
+        f"error: ran past its budget of {rows[label]:.3g} s ({label})" for label in labels]
+    assert res["targets"][0]["met"] is False and res["targets"][0]["measured"] is None
 
 
 def test_full_preset_settings_build_valid_configs():

@@ -19,7 +19,7 @@ LAYERS = {
     "alice3d.methods": 2, "landmark": 2,
     "alice3d.analysis": 3, "alice3d.finetune": 3, "alice3d.pretrain": 3,
     "alice3d.bundle": 4,
-    "alice3d.cli": 5, "landmark.cli": 5,  # console scripts sit on top, wherever their package is
+    "alice3d.cli": 5,  # every console script, alice3d-landmark's included (alice3d/cli/landmark.py)
 }
 # Bottom packages with a stricter rule: what of ours they may import at all.
 ALLOWED = {"alice3d.core": ("alice3d.core",), "alice3d.viz": ("alice3d.viz",)}
@@ -105,6 +105,27 @@ def test_no_module_imports_a_higher_layer():
 def test_the_checker_sees_upward_and_local_imports(code, bad):
     """Source text checked as if it lived in alice3d/data/ (layer 1)."""
     assert bool(violations(ROOT / "alice3d" / "data" / "_layer_probe.py", code)) is bad
+
+
+@pytest.mark.parametrize("code, bad", [
+    ("from alice3d.cli.common import run_main\n", True),
+    ("def f():\n    from alice3d.pretrain.run import pretrain\n", True),
+    ("from alice3d.finetune.train import train\n", True),
+    ("from alice3d.analysis.landmark_accuracy import summarize\n", True),
+    ("from alice3d.methods.alice import Alice\n", False),  # the same layer
+    ("from alice3d.data.builders import load_volumes\nfrom landmark.cohort import compose\n", False),
+])
+def test_landmark_is_a_library_layer_below_pretrain(code, bad):
+    """Source text checked as if it lived in landmark/ (layer 2): nothing above it, no CLI."""
+    assert bool(violations(ROOT / "landmark" / "_layer_probe.py", code)) is bad
+
+
+def test_the_layer_order_is_the_documented_one():
+    order = ["alice3d.core", "alice3d.data", "alice3d.methods", "alice3d.pretrain", "alice3d.bundle", "alice3d.cli"]
+    assert [LAYERS[k] for k in order] == sorted(LAYERS[k] for k in order) == list(range(6))
+    assert LAYERS["landmark"] == LAYERS["alice3d.methods"] and layer_of("landmark.prepare") == ("landmark", 2)
+    assert layer_of("alice3d.cli.landmark") == ("alice3d.cli", 5)
+    assert LAYERS["alice3d.analysis"] == LAYERS["alice3d.finetune"] == LAYERS["alice3d.pretrain"]
 
 
 def local_imports_without_reason(path: Path, text: str) -> list[str]:

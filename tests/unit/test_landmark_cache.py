@@ -1,4 +1,4 @@
-"""Embedding cache: pickle-free file format, corruption detection, reuse, invalidation, size cap."""
+"""Embedding cache: zarr entries and pair files, corruption detection, reuse, invalidation, size cap."""
 
 import logging
 import os
@@ -18,9 +18,12 @@ from landmark.embed_cache import (
     clear_cache,
     default_cache_dir,
     evict_lru,
+    is_entry,
     read_entry,
+    read_group,
     read_header,
     write_entry,
+    write_group,
 )
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
@@ -41,9 +44,9 @@ def _net(seed=0):
     return recalibrate_norms(build_model(TINY), [torch.rand(1, 1, 32, 32, 32)]).eval()
 
 
-def test_write_read_roundtrip_and_memory_map(tmp_path):
+def test_pair_file_write_read_roundtrip_and_memory_map(tmp_path):
     arrays = {"a": np.arange(24, dtype=np.float16).reshape(2, 3, 4), "b": np.ones((5,), np.float32)}
-    path = write_entry(tmp_path / "x.emb", arrays, {"k": "v", "n": [1, 2]})
+    path = write_entry(tmp_path / "x.pair", arrays, {"k": "v", "n": [1, 2]})
     assert path.read_bytes()[:8] == MAGIC
     out, meta = read_entry(path, mmap=True)
     assert meta == {"k": "v", "n": [1, 2]}
@@ -57,12 +60,15 @@ def test_write_read_roundtrip_and_memory_map(tmp_path):
 
 def test_object_arrays_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not storable"):
-        write_entry(tmp_path / "x.emb", {"a": np.array([{"x": 1}], dtype=object)}, {})
+        write_entry(tmp_path / "x.pair", {"a": np.array([{"x": 1}], dtype=object)}, {})
+    with pytest.raises(ValueError, match="not storable"):
+        write_group(tmp_path / "x.zarr", {"a": np.array([{"x": 1}], dtype=object)}, {})
+    assert not (tmp_path / "x.zarr").exists() and list(tmp_path.iterdir()) == []  # no temporary left
 
 
 @pytest.mark.parametrize("damage", ["flip_data", "truncate", "magic", "header"])
 def test_damaged_files_raise_cache_error(tmp_path, damage):
-    path = write_entry(tmp_path / "x.emb", {"a": np.random.rand(64, 8).astype(np.float32)}, {"k": 1})
+    path = write_entry(tmp_path / "x.pair", {"a": np.random.rand(64, 8).astype(np.float32)}, {"k": 1})
     raw = bytearray(path.read_bytes())
     if damage == "flip_data":
         raw[-10] ^= 0xFF
@@ -78,9 +84,12 @@ def test_damaged_files_raise_cache_error(tmp_path, damage):
 
 
 def test_stale_entry_raises(tmp_path):
-    path = write_entry(tmp_path / "x.emb", {"a": np.zeros(3, np.float32)}, {"model_key": "old"})
+    path = write_entry(tmp_path / "x.pair", {"a": np.zeros(3, np.float32)}, {"model_key": "old"})
     with pytest.raises(CacheError, match="stale"):
         read_entry(path, expect_meta={"model_key": "new"})
+    group = write_group(tmp_path / "x.zarr", {"a": np.zeros(3, np.float32)}, {"model_key": "old"})
+    with pytest.raises(CacheError, match="stale"):
+        read_group(group, expect_meta={"model_key": "new"})
 
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
@@ -96,8 +105,8 @@ def test_matcher_reuses_cache_across_instances(tmp_path):
     e1 = m1.embed(vol)
     assert m1.stats["computed"] == 1
     assert m1.embed(vol) is e1 and m1.stats["memory_hits"] == 1
-    files = list(tmp_path.rglob("*.emb"))
-    assert len(files) == 1
+    entries = list(tmp_path.rglob("*.zarr"))
+    assert entries == [m1.cache_path(m1.image_key(vol))] and entries[0].is_dir()
     m2 = Matcher(net, cache_dir=tmp_path)  # a new process would do the same
     e2 = m2.embed(vol)
     assert {k: m2.stats[k] for k in ("computed", "disk_hits", "memory_hits", "recomputed_bad_cache")} == {
@@ -105,6 +114,8 @@ def test_matcher_reuses_cache_across_instances(tmp_path):
     np.testing.assert_array_equal(e2.fine.numpy(), e1.fine.numpy())
     np.testing.assert_allclose(e2.fine_affine, e1.fine_affine)
     assert e2.fine.dtype == torch.float16  # compact storage
+    assert e2.body.dtype == torch.bool and torch.equal(e2.body, e1.body)
+    np.testing.assert_array_equal(e2.coarse.numpy(), e1.coarse.numpy())
 
 
 def test_cache_key_depends_on_image_affine_and_weights(tmp_path):
@@ -120,17 +131,17 @@ def test_cache_key_depends_on_image_affine_and_weights(tmp_path):
     other = Matcher(_net(1), cache_dir=tmp_path)  # other weights: other model key, other folder
     other.embed(vol)
     assert other.stats["computed"] == 1 and other.model_key != m.model_key
-    assert len(list(tmp_path.rglob("*.emb"))) == 4
+    assert len(list(tmp_path.rglob("*.zarr"))) == 4
 
 
 def test_corrupt_cache_file_is_recomputed_with_warning(tmp_path, caplog):
     net, vol = _net(), _volume()
     m = Matcher(net, cache_dir=tmp_path)
     good = m.embed(vol).fine.numpy().copy()
-    path = m.cache_path(m.image_key(vol))
-    raw = bytearray(path.read_bytes())
-    raw[-7] ^= 0x55
-    path.write_bytes(bytes(raw))
+    shard = m.cache_path(m.image_key(vol)) / "fine" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0x55  # inside a chunk (the shard index sits at the end)
+    shard.write_bytes(bytes(raw))
     m2 = Matcher(net, cache_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="alice3d.landmark"):
         emb = m2.embed(vol)
@@ -139,71 +150,92 @@ def test_corrupt_cache_file_is_recomputed_with_warning(tmp_path, caplog):
     np.testing.assert_array_equal(emb.fine.numpy(), good)
     # the rewritten entry is valid again
     assert Matcher(net, cache_dir=tmp_path).embed(vol) is not None
-    read_entry(path)
+    arrays, _ = read_group(m.cache_path(m.image_key(vol)))
+    np.testing.assert_array_equal(arrays["fine"], good)
 
 
 def test_use_cache_false_writes_nothing(tmp_path):
     m = Matcher(_net(), cache_dir=tmp_path, use_cache=False)
     m.embed(_volume())
-    assert not list(tmp_path.rglob("*.emb"))
+    assert not list(tmp_path.rglob("*"))
 
 
 # ----------------------------------------------------------------------------- size cap (LRU)
 
 
 def _entries(root, ages):
-    """One 4 kB entry per ``name -> mtime`` (embeddings and pair maps, two model folders)."""
-    paths = {}
-    for name, mtime in ages.items():
-        path = write_entry(root / name, {"a": np.zeros(1024, np.float32)}, {"k": name[-8:]})
+    """One entry per ``name -> mtime`` (embedding groups and pair maps, two model folders), all of
+    the same size: random pair data padded up to the (compressed) size of an embedding entry."""
+    paths, group_bytes = {}, None
+    rng = np.random.default_rng(0)
+    for name, mtime in sorted(ages.items(), key=lambda kv: not kv[0].endswith(".zarr")):
+        if name.endswith(".zarr"):
+            path = write_group(root / name, {"a": rng.random(1024).astype(np.float32)}, {"k": name[-9:]})
+            group_bytes = embed_cache.entry_bytes(path)
+        else:  # header ~200 bytes
+            n = (group_bytes - 200) // 4
+            path = write_entry(root / name, {"a": rng.random(n).astype(np.float32)}, {"k": name[-9:]})
         os.utime(path, (mtime, mtime))
         paths[name] = path
     return paths
 
 
-AGES = {"m1/aaaa.emb": 100, "m1/pairs/pppp.pair": 200, "m2/bbbb.emb": 300, "m1/cccc.emb": 400}
+AGES = {"m1/aaaa.zarr": 100, "m1/pairs/pppp.pair": 200, "m2/bbbb.zarr": 300, "m1/cccc.zarr": 400}
+
+
+def _size(path):
+    return embed_cache.entry_bytes(path)
 
 
 def _left(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Entries (folders with a zarr.json, pair files) and other files left below ``root``."""
+    out = set()
+    for p in root.rglob("*"):
+        if p.is_file():
+            top = next((q for q in [p, *p.parents] if q.suffix == ".zarr"), p)
+            out.add(str(top.relative_to(root)))
+    return sorted(out)
 
 
 def test_eviction_removes_least_recently_used_first(tmp_path):
     paths = _entries(tmp_path, AGES)
-    size = paths["m1/aaaa.emb"].stat().st_size
-    assert {p.stat().st_size for p in paths.values()} == {size}  # same arrays, same-length meta
-    # 4 entries, room for 2.5: the two oldest go (the pair map counts and goes like an embedding)
+    size = _size(paths["m1/aaaa.zarr"])
+    sizes = {n: _size(p) for n, p in paths.items()}
+    assert sizes["m1/cccc.zarr"] == size and abs(sizes["m1/pairs/pppp.pair"] - size) < 0.1 * size
+    # 4 entries of about one size each, room for 2.5: the two oldest go (the pair map counts and
+    # goes like an embedding, an embedding's size is its whole folder)
     gone = evict_lru(tmp_path, int(2.5 * size))
-    assert gone == [paths["m1/aaaa.emb"], paths["m1/pairs/pppp.pair"]]
-    assert _left(tmp_path) == ["m1/cccc.emb", "m2/bbbb.emb"]
+    assert gone == [paths["m1/aaaa.zarr"], paths["m1/pairs/pppp.pair"]]
+    assert _left(tmp_path) == ["m1/cccc.zarr", "m2/bbbb.zarr"]
     assert evict_lru(tmp_path, 2 * size) == []  # at the cap: nothing to do
     assert evict_lru(tmp_path, None) == []  # no cap
 
 
 def test_eviction_never_removes_the_entry_just_written(tmp_path):
     paths = _entries(tmp_path, AGES)
-    size = paths["m1/aaaa.emb"].stat().st_size
-    gone = evict_lru(tmp_path, 2 * size, keep=(paths["m1/aaaa.emb"],))
-    assert gone == [paths["m1/pairs/pppp.pair"], paths["m2/bbbb.emb"]]
+    size = _size(paths["m1/aaaa.zarr"])
+    gone = evict_lru(tmp_path, 2 * size, keep=(paths["m1/aaaa.zarr"],))
+    assert gone == [paths["m1/pairs/pppp.pair"], paths["m2/bbbb.zarr"]]
     # a cap below one entry still keeps the written one
-    assert evict_lru(tmp_path, 1, keep=(paths["m1/aaaa.emb"],)) == [paths["m1/cccc.emb"]]
-    assert _left(tmp_path) == ["m1/aaaa.emb"]
+    assert evict_lru(tmp_path, 1, keep=(paths["m1/aaaa.zarr"],)) == [paths["m1/cccc.zarr"]]
+    assert _left(tmp_path) == ["m1/aaaa.zarr"]
 
 
 def test_reading_an_entry_makes_it_most_recently_used(tmp_path):
     paths = _entries(tmp_path, AGES)
-    size = paths["m1/aaaa.emb"].stat().st_size
-    read_entry(paths["m1/aaaa.emb"])  # the oldest, now used
-    assert paths["m1/aaaa.emb"].stat().st_mtime > 400
+    size = _size(paths["m1/aaaa.zarr"])
+    read_group(paths["m1/aaaa.zarr"])  # the oldest, now used
+    assert paths["m1/aaaa.zarr"].stat().st_mtime > 400
     evict_lru(tmp_path, size)
-    assert _left(tmp_path) == ["m1/aaaa.emb"]
+    assert _left(tmp_path) == ["m1/aaaa.zarr"]
 
 
 def test_eviction_skips_foreign_files_and_tolerates_vanishing_entries(tmp_path, monkeypatch):
     paths = _entries(tmp_path, AGES)
-    size = paths["m1/aaaa.emb"].stat().st_size
-    foreign = tmp_path / "m1" / "notes.emb"  # matches the layout, but is not one of ours
-    foreign.write_bytes(b"x" * size)
+    size = _size(paths["m1/aaaa.zarr"])
+    foreign = tmp_path / "m1" / "notes.zarr"  # matches the layout, but is not one of ours
+    foreign.mkdir()
+    (foreign / "zarr.json").write_bytes(b"x" * size)
     os.utime(foreign, (50, 50))
     listed = embed_cache.list_entries
 
@@ -215,19 +247,23 @@ def test_eviction_skips_foreign_files_and_tolerates_vanishing_entries(tmp_path, 
     monkeypatch.setattr(embed_cache, "list_entries", racing)
     gone = evict_lru(tmp_path, 2 * size)
     # foreign file kept and not counted; the vanished entry counts as freed: only the oldest is deleted
-    assert gone == [paths["m1/aaaa.emb"]]
-    assert _left(tmp_path) == ["m1/cccc.emb", "m1/notes.emb", "m2/bbbb.emb"]
+    assert gone == [paths["m1/aaaa.zarr"]]
+    assert _left(tmp_path) == ["m1/cccc.zarr", "m1/notes.zarr", "m2/bbbb.zarr"]
 
 
 def test_clear_removes_only_entries(tmp_path):
     paths = _entries(tmp_path, AGES)
-    keep = [tmp_path / "README.txt", tmp_path / "m1" / "fake.emb", tmp_path / "m1" / "x" / "deep.emb"]
+    keep = [tmp_path / "README.txt", tmp_path / "m1" / "fake.emb", tmp_path / "m1" / "x" / "deep.emb",
+            tmp_path / "m1" / "user.zarr" / "zarr.json"]
     for k in keep:
         k.parent.mkdir(parents=True, exist_ok=True)
         k.write_bytes(MAGIC + b"not in an entry location" if k.name == "deep.emb" else b"user file")
-    entry_bytes = sum(p.stat().st_size for p in paths.values())
-    assert clear_cache(tmp_path) == (4, entry_bytes)
-    assert _left(tmp_path) == ["README.txt", "m1/fake.emb", "m1/x/deep.emb"]
+    old = tmp_path / "m2" / "oooo.emb"  # an embedding of the older format: cleared with the entries
+    write_entry(old, {"fine": np.zeros(8, np.float16)}, {"image_key": "oooo"})
+    assert not is_entry(keep[-1].parent) and is_entry(paths["m1/aaaa.zarr"])
+    entry_bytes = sum(_size(p) for p in paths.values()) + old.stat().st_size
+    assert clear_cache(tmp_path) == (5, entry_bytes)
+    assert _left(tmp_path) == ["README.txt", "m1/fake.emb", "m1/user.zarr", "m1/x/deep.emb"]
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m1" / "pairs").exists()  # emptied folders go
     assert clear_cache(tmp_path / "missing") == (0, 0)
 
@@ -255,13 +291,13 @@ def test_matcher_keeps_the_cache_under_the_cap(tmp_path, monkeypatch):
     m = Matcher(net, cache_dir=tmp_path)
     ea = m.embed(a)
     eb = m.embed(b)
-    assert [p.name for p in tmp_path.rglob("*.emb")] == [m.cache_path(m.image_key(b)).name]
-    # the evicted entry was memory-mapped: on POSIX the mapping outlives the file
+    assert [p.name for p in tmp_path.rglob("*.zarr")] == [m.cache_path(m.image_key(b)).name]
+    # the evicted entry's arrays are in memory: its deletion does not touch them
     assert torch.isfinite(ea.fine.float()).all() and eb.fine.shape == ea.fine.shape
     m2 = Matcher(net, cache_dir=tmp_path)
     m2.embed(a)  # evicted: computed again, and now b's entry is the one evicted
     assert m2.stats["computed"] == 1 and m2.stats["disk_hits"] == 0
-    assert [p.name for p in tmp_path.rglob("*.emb")] == [m.cache_path(m.image_key(a)).name]
+    assert [p.name for p in tmp_path.rglob("*.zarr")] == [m.cache_path(m.image_key(a)).name]
 
 
 class _DictSource:
@@ -294,7 +330,7 @@ def test_store_asks_its_sources_in_order_and_fills_them_all(tmp_path, caplog):
     assert store.stats["computed"] == 1 and first.puts == 1 and broken.puts == 1
     assert m.cache_path(emb.key).exists()
     computed = first.items[emb.key]
-    assert emb is not computed and torch.equal(emb.fine, computed.fine)  # the disk copy (memory-mapped) is kept
+    assert emb is computed  # every source keeps a copy; the one computed stays in memory
     store.get(_volume(1))  # pushes vol out of the one-item memory
     fresh = EmbeddingStore(m._compute, [first, m.disk])
     assert fresh.get(vol) is computed  # the first source that has it answers

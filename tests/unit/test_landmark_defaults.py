@@ -9,19 +9,24 @@ from alice3d.train.checkpoint import atomic_save
 from landmark import defaults
 from landmark.config import LandmarkConfig
 from landmark.match import load_landmark_model
+from landmark.model import build_model
 
 
 def test_shipped_model_is_what_the_default_training_writes_today():
     """If the default config or the phantoms change, this fails until the file is re-shipped
-    (or DEFAULT_VERSION is bumped, which makes everyone train it instead)."""
+    (bumping DEFAULT_VERSION alone makes everyone train it instead, and fails here too: a shipped
+    file that is never used is dead weight)."""
     net, meta = load_landmark_model(defaults.SHIPPED)
     cfg = LandmarkConfig()
     info = meta["shipped_default"]
-    if info["default_version"] == defaults.DEFAULT_VERSION and info["phantom_version"] == PHANTOM_VERSION:
-        assert meta["model"] == to_dict(cfg.model)
-        assert meta["spacing"] == list(cfg.data.spacing) and meta["hu_window"] == list(cfg.data.hu_window)
+    assert (info["default_version"], info["phantom_version"]) == (defaults.DEFAULT_VERSION, PHANTOM_VERSION)
     assert (info["phantom_n"], info["phantom_seed"]) == (cfg.data.phantom_n, cfg.data.phantom_seed)
-    assert sum(p.numel() for p in net.parameters()) > 0
+    assert defaults.shipped_model(cfg.data.phantom_n, cfg.data.phantom_seed) == defaults.SHIPPED
+    assert meta["model"] == to_dict(cfg.model)
+    assert meta["spacing"] == list(cfg.data.spacing) and meta["hu_window"] == list(cfg.data.hu_window)
+    # the default model config builds exactly the shipped network
+    fresh = build_model(cfg.model)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 
 def test_default_cohort_uses_the_shipped_model_without_training(monkeypatch):

@@ -7,12 +7,13 @@ import pytest
 import torch
 from scipy import ndimage
 
+from alice3d.data.crops import crop_at
 from alice3d.data.io import Volume
 from alice3d.train.module import BatchDataset
 from landmark.config import ModelConfig
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
-from landmark.pairs import PairBatches, PairDataset, PairError, PairSampler, crop_at
+from landmark.pairs import PairDataset, PairError, PairSampler
 
 TINY = ModelConfig(stem_width=4, widths=(8, 8, 8, 8), fpn_dim=8, embed_dim=16, extra_windows=())
 BG = 0.1  # background ("air") value of the normalised crop volumes, deliberately not 0
@@ -84,20 +85,14 @@ def test_border_crops_are_padded_with_background_not_zero(setup):
         assert np.isclose(crop, BG).mean() > 0.02  # crops nearly as large as the volumes reach past borders
 
 
-def test_dataset_is_deterministic_and_batches(setup):
+def test_dataset_is_deterministic_per_item(setup):
     hu, vols, matcher = setup
     sampler = PairSampler(vols, matcher, crop_size=(16, 16, 8), min_score=-1.0, sources=hu)
     ds = PairDataset(sampler, seed=7)
     x, y = ds[5], ds[5]
     assert torch.equal(x["q"], y["q"]) and torch.equal(x["k"], y["k"]) and torch.equal(x["ids"], y["ids"])
     assert not torch.equal(ds[6]["q"], x["q"])
-    assert not isinstance(ds, BatchDataset)
-    batched = PairBatches(ds, batch_size=3)
-    b = batched[2]
-    assert isinstance(batched, BatchDataset)
-    assert b["q"].shape == (3, 1, 16, 16, 8) and b["k"].shape == (3, 1, 16, 16, 8)
-    assert b["score"].shape == (3,) and b["ids"].shape == (3, 2)
-    assert torch.equal(batched[2]["k"], b["k"])
+    assert not isinstance(ds, BatchDataset)  # the trainer batches single pairs
 
 
 def test_low_scores_fall_back_logged_and_counted(setup, caplog):

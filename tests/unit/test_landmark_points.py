@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from alice3d.cli.landmark import _attach_points, build_parser
 from alice3d.data.io import Volume
 from landmark import preprocess
-from landmark.cli import _attach_points, build_parser
 from landmark.config import ModelConfig
 from landmark.match import Matcher, MatchError, check_points_inside, read_points_file
 from landmark.model import build_model

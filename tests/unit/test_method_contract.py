@@ -7,31 +7,21 @@ encoder whose state dict loads strict into the MONAI network of its family, and 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from monai.networks.nets import ResNet, SwinUNETR, ViT
 
-from alice3d.config import ConfigError, load_config
+from alice3d.config import ConfigError, load_config, valid_keys
 from alice3d.encoders.backbone import BackboneConfig
 from alice3d.methods import DATASET_KINDS, METHODS, PretrainMethod
 from alice3d.pretrain.config import PretrainConfig
 
-# Per method: overrides of its PretrainConfig section that make one step take ~0.1 s.
-TINY_VIT = {"img_size": (32, 32, 16), "patch_size": 8,
-            "encoder_kwargs": {"num_layers": 2, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}}
-TINY_DECODER = {"decoder_dim": 24, "decoder_depth": 1, "decoder_heads": 2}
-TINY = {
-    "alice": {**TINY_VIT, **TINY_DECODER, "head_out_dim": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16},
-    "mae": {**TINY_VIT, **TINY_DECODER},
-    "cae": {**TINY_VIT, **TINY_DECODER, "min_block": 2, "regressor_depth": 1},
-    "ccmim": {**TINY_VIT, **TINY_DECODER, "proj_hidden_dim": 32, "proj_dim": 16},
-    "rmae": {**TINY_VIT, **TINY_DECODER},
-    "cmae": {**TINY_VIT, "proj_hidden_dim": 32, "proj_dim": 16},
-    "convmim": {"img_size": (32, 32, 32), "encoder_kwargs": {"widths": [8, 8, 16, 16]}, "feature_dim": 8,
-                "decoder_dim": 8},
-}
+# Per method: the registry's tiny sizes (`MethodEntry.tiny`), one step in ~0.1 s.
+TINY = {name: dict(entry.tiny) for name, entry in METHODS.items()}
 SWIN_TINY = {"encoder": "swin_tiny", "encoder_kwargs": {"window_size": 4}}
 
 
@@ -46,6 +36,11 @@ def one_thread():
 def method_config(name: str, **overrides):
     section = getattr(PretrainConfig(), name)
     return dataclasses.replace(section, **{**TINY[name], **overrides})
+
+
+METHODS_DIR = Path(__file__).resolve().parents[2] / "alice3d" / "methods"
+# Shared pieces every method may import; the other modules of methods/ are methods.
+SHARED = {"__init__", "base", "common", "decoder", "views", "casa"}
 
 
 def batch_for(name: str, cfg, b: int = 2, seed: int = 0) -> dict:
@@ -104,6 +99,40 @@ def test_registry_entries_are_complete():
         assert issubclass(entry.config, BackboneConfig), f"{name}: its config must be a BackboneConfig"
         assert entry.dataset in DATASET_KINDS
         assert isinstance(getattr(cfg, name), entry.config), f"PretrainConfig has no '{name}' section of its type"
+        assert getattr(cfg, name) == entry.default_config(), f"{name}: the section is not the entry's CPU default"
+        assert set(entry.tiny) <= {f.name for f in dataclasses.fields(entry.config)}, f"{name}: tiny has unknown keys"
+
+
+def test_every_registered_method_is_a_pretrain_config_section_with_its_keys():
+    keys = valid_keys(PretrainConfig)
+    for name, entry in METHODS.items():
+        own = valid_keys(entry.config, name + ".")
+        assert own and set(own) <= set(keys), f"{name}: keys missing from PretrainConfig"
+        size = list(entry.tiny_config().img_size)
+        cfg = load_config(PretrainConfig, None, [f"method={name}", f"{name}.img_size={size}"])
+        assert cfg.method_config() is getattr(cfg, name) and list(cfg.method_config().img_size) == size
+
+
+def test_no_method_file_imports_another_method_file():
+    """Methods share code through base / common / decoder / views / casa only."""
+    methods = {p.stem for p in METHODS_DIR.glob("*.py")} - SHARED
+    assert {"alice", "mae", "cae", "ccmim", "convmim", "rmae", "cmae"} <= methods
+    offenders = []
+    for path in sorted(METHODS_DIR.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                module = "alice3d.methods" + (f".{node.module}" if node.module else "") if node.level else node.module
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                parts = n.split(".")
+                if parts[:2] == ["alice3d", "methods"] and len(parts) > 2 and parts[2] in methods:
+                    offenders.append(f"{path.name}:{node.lineno} imports {n}")
+    assert not offenders, offenders
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

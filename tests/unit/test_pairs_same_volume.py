@@ -5,7 +5,8 @@ import pytest
 
 from alice3d.config import ConfigError
 from alice3d.data.io import Volume
-from landmark.pairs import PairDataset, PairSampler, PairsConfig
+from landmark.config import PairsConfig
+from landmark.pairs import PairDataset, PairSampler
 
 
 def _volume(seed, shape=(24, 20, 16)):

@@ -23,12 +23,7 @@ from alice3d.train.checkpoint import atomic_save
 CLASSES = {"liver": (6,), "spleen": (1,)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_volume(seed: int, shape=(40, 40, 24)) -> Volume:

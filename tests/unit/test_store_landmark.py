@@ -26,7 +26,9 @@ from landmark.cohort import (
 from landmark.config import LandmarkConfig
 from landmark.match import Matcher
 from landmark.model import build_model, recalibrate_norms
-from landmark.pairs import PairError, PairSampler, PairsConfig, pair_dataset
+from landmark.config import PairsConfig
+from landmark.pairs import PairError, PairSampler, pair_dataset
+from landmark.prepare import prepare_pairs
 from landmark.store import EmbeddingStore, StoreEmbeddings
 from landmark.train import save_landmark_model
 
@@ -99,14 +101,14 @@ def test_embed_store_shards_never_repeat_a_volume_and_resume(tiny, tmp_path):
     _, store, model = tiny
     counts = []
     owner = store.cases.index(store_reference(store)) % 2
-    for i in (owner, 1 - owner):  # one after the other here; concurrent processes wait for the reference
+    for i in (owner, 1 - owner):  # one after the other, no barrier: the second reads the reference's embedding
         m = Matcher(model, use_cache=False)
-        counts.append(embed_store(m, store, shard=(i, 2), wait_s=60, show_progress=False))
+        counts.append(embed_store(m, store, shard=(i, 2), show_progress=False))
         assert m.store.stats["computed"] == counts[-1]["embedded"] == counts[-1]["mine"]  # no volume twice
     assert sum(c["embedded"] for c in counts) == len(store.cases) == sum(c["fitted"] for c in counts)
     m = Matcher(model, use_cache=False)
     source = StoreEmbeddings(store.root, m.model_key)
-    assert all(source.path(c["name"]).is_file() for c in store.cases)
+    assert all(source.case_exists(c["name"]) for c in store.cases)
     again = embed_store(m, store, show_progress=False)
     assert (again["embedded"], again["fitted"], m.store.stats["computed"]) == (0, 0, 0)
     expect = fit_identity(m, store)
@@ -121,13 +123,16 @@ def test_store_pairs_need_only_the_fits(tiny, monkeypatch):
     root, store, model = tiny
     monkeypatch.setenv("ALICE3D_CACHE", str(root / "cache"))
     data = DataConfig(data=str(store.root), spacing=SPACING)
-    ds, report = pair_dataset(data, PairsConfig(min_score=-1.0), (16, 16, 8), landmark=str(model))
+    prep = prepare_pairs(data, PairsConfig(min_score=-1.0), (16, 16, 8), landmark=str(model))
+    ds, report = pair_dataset(data, PairsConfig(min_score=-1.0), (16, 16, 8), landmark=str(model), prepared=prep)
     sampler = ds.sampler
     assert sampler.matcher is None and sampler.embeddings == [] and sampler.transforms is not None
     assert report.used == len(store.cases)
     item = ds[3]
     assert item["q"].shape == (1, 16, 16, 8) and torch.equal(ds[3]["k"], item["k"])
-    ds2, _ = pair_dataset(data, PairsConfig(min_score=-1.0, consistency="none"), (16, 16, 8), landmark=str(model))
+    none = PairsConfig(min_score=-1.0, consistency="none")
+    prepare_pairs(data, none, (16, 16, 8), landmark=str(model))
+    ds2, _ = pair_dataset(data, none, (16, 16, 8), landmark=str(model))  # reads the store's preparation
     s = ds2.sampler.sample(0)
     assert ds2.sampler.matcher is not None and len(ds2.sampler.embeddings) == len(store.cases)
     assert s["k"].shape == (1, 16, 16, 8) and np.isfinite(s["meta"]["score"])

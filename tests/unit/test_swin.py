@@ -27,13 +27,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these tensors are small: extra OpenMP threads only add spin-waiting on a busy CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_encoder(shape, window, downsample, **kw) -> SwinEncoder:

@@ -8,13 +8,14 @@ from alice3d.core.masking import random_masking
 from alice3d.core.patches import patchify, unpatchify
 from alice3d.core.pos_embed import sincos_pos_embed
 from alice3d.encoders.vit import ViTEncoder, build_vit, vit_configs
+from helpers import TINY_VIT
+from helpers import TINY_VIT_WIDTH as SMALL
 
-SMALL = dict(hidden_size=48, mlp_dim=96, num_heads=4)
 CASES = [(3, (32, 32, 16), 8), (2, (32, 24), 8)]
 
 
 def small_vit(nd, size, patch, **kw):
-    args = dict(SMALL, num_layers=2)
+    args = dict(TINY_VIT)
     args.update(kw)
     torch.manual_seed(0)
     return ViTEncoder(size, patch, spatial_dims=nd, **args).eval()

@@ -6,9 +6,14 @@
     alice3d-landmark embed --model RUN/landmark.pt IMAGE [IMAGE ...]
     alice3d-landmark embed --model RUN/landmark.pt --data STORE [--shard I/N] [--device cuda]
     alice3d-landmark cache (--info | --clear) [--cache-dir DIR]
+    python -m alice3d.cli.landmark ...                     (the same)
+    torchrun --nproc_per_node N -m alice3d.cli.landmark embed --model RUN/landmark.pt --data STORE
 
 Points are world coordinates in millimetres (RAS+, as in NIfTI/nibabel). ``match``
 prints one JSON line per point: {"query": [x, y, z], "match": [x, y, z], "score": s}.
+``embed --data STORE`` is the pair preparation of :mod:`landmark.prepare` for a whole store
+(embeddings and reference fits; under torchrun each process does its share and waits for the
+others at the end), the same step ``alice3d-pretrain`` runs before it builds its dataset.
 """
 
 from __future__ import annotations
@@ -22,17 +27,29 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config, run_main, setup_logging
+from alice3d.core.dist import init_distributed, is_dist, is_main_process
 from alice3d.data.io import load_volume
 from alice3d.data.preprocess import env_shard, parse_shard
 from alice3d.data.store import open_store
 from alice3d.viz.mosaic import mosaic
 from alice3d.viz.ortho import ortho_slices
 from alice3d.viz.png import write_png
-from landmark.cohort import embed_store, store_reference
+from landmark.cohort import store_reference
 from landmark.config import LandmarkConfig
-from landmark.embed_cache import MAX_GB_ENV, cache_info, cache_max_bytes, clear_cache, default_cache_dir
+from landmark.embed_cache import (
+    GROUP_SUFFIX,
+    MAX_GB_ENV,
+    cache_info,
+    cache_max_bytes,
+    clear_cache,
+    default_cache_dir,
+    entry_bytes,
+)
 from landmark.match import Matcher, MatchError, check_points_inside, parse_points, read_points_file
+from landmark.prepare import PREPARE_TIMEOUT_S, prepare_store
 from landmark.train import load_train_volumes, train_landmark
 
 log = logging.getLogger("alice3d.landmark")
@@ -180,13 +197,17 @@ def _embed_store(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process of the node
+    # Under torchrun: a (gloo) process group for the preparation's barriers; run_main leaves it.
+    init_distributed(torch.device("cpu"), PREPARE_TIMEOUT_S)
     # the store keeps the embeddings; a second copy in the embedding cache would only cost disk
     matcher = Matcher(args.model, cache_dir=args.cache_dir, device=device, use_cache=False)
-    counts = embed_store(matcher, store, shard=shard)
-    sizes = [p.stat().st_size for p in store.root.glob(f"cases/*/landmark/{matcher.model_key[:20]}.emb")]
+    counts = prepare_store(matcher, store, fits=True, keep_embeddings=True, shard=shard)
+    sizes = [entry_bytes(p) for p in store.root.glob(f"cases/*/landmark/{matcher.model_key[:20]}{GROUP_SUFFIX}")]
     print(json.dumps({"store": str(store.root), "shard": list(shard) if shard else None, **counts,
                       "reference": store_reference(store)["name"],
                       "embedding_mb_per_case": round(sum(sizes) / max(len(sizes), 1) / 1e6, 2)}))
+    if is_dist() and is_main_process():  # after prepare_store's last barrier: all shares are in
+        log.info("every process's share is done: %s is prepared for pairs", store.root)
     return 0
 
 
@@ -213,6 +234,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if info["entries"]:
         print(f"oldest: {stamp(info['entries'][0])}")
         print(f"newest: {stamp(info['entries'][-1])}")
+    if info.get("old_embeddings"):
+        print(f"older-format embedding files: {info['old_embeddings']} ({_size(info['old_bytes'])}), ignored; "
+              "cache --clear deletes them")
     return 0
 
 

@@ -1,11 +1,16 @@
-"""Accuracy of point matching on a phantom cohort with ground-truth correspondence.
+"""Accuracy of landmark point matching: phantoms with ground-truth correspondence, real CT by organ.
 
-For random body points of subject A, the true location in subject B is known exactly
+Analysis of the landmark layer (it sits above ``landmark/``), used by ``scripts/eval_landmark.py``,
+the benchmarks and tests; nothing in the library imports it.
+
+Phantoms: for random body points of subject A, the true location in subject B is known exactly
 (:func:`alice3d.data.phantom.correspond`). Reported per method: mean radial error (mm),
 median, 90th percentile and the fraction of matches within 10 mm. Methods: a landmark
 model (per-pair affine, one reference fit per volume, per-point argmax), the same model
 untrained, and the bounding-box baseline (same normalised position inside the body's
-bounding box).
+bounding box). Real CT with organ contours (``LabelledCase``, :func:`evaluate_organ_pairs`):
+compact organs by the error of the matched centroid, elongated ones by the distance to the
+structure.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from alice3d.config import from_dict
 from alice3d.data.geometry import apply_affine
@@ -183,3 +189,105 @@ def untrained_network(model_meta: dict, volumes: Sequence, seed: int = 0, crops:
         crop = arr[(slice(None), *[slice(a, a + c) for a, c in zip(start, size)])]
         batches.append(torch.from_numpy(np.ascontiguousarray(crop))[None])
     return recalibrate_norms(net, batches).eval()
+
+
+# ----------------------------------------------------------------------------- real CT: organ contours
+
+
+@dataclass
+class LabelledCase:
+    """A real CT with organ contours: ``label`` on the volume's grid, ``contoured`` the ids it contours."""
+
+    name: str
+    volume: object  # alice3d.data.io.Volume (HU)
+    label: np.ndarray  # (X, Y, Z) int
+    contoured: tuple[int, ...]
+    body_lo: np.ndarray
+    body_hi: np.ndarray
+
+
+def load_labelled_cases(entries: Sequence[dict]) -> list[LabelledCase]:
+    """Cases of a datalist with labels (``{"image", "label", "contoured"?}``); without ``contoured``
+    every label id present in the map counts as contoured."""
+    cases = []
+    for e in entries:
+        vol = load_volume(e["image"], e["label"])
+        contoured = tuple(int(c) for c in e.get("contoured", [int(v) for v in np.unique(vol.label) if v > 0]))
+        lo, hi = body_box(vol)
+        cases.append(LabelledCase(Path(e["image"]).name.split(".")[0], vol, vol.label, contoured, lo, hi))
+    return cases
+
+
+def organ_point(case: LabelledCase, organ: int, on_structure: bool) -> np.ndarray | None:
+    """World point of ``organ``: its centroid, or (``on_structure``) the organ voxel nearest to the
+    centroid, which lies inside an elongated or curved structure whose centroid may not."""
+    ijk = np.argwhere(case.label == organ)
+    if not len(ijk):
+        return None
+    c = ijk.mean(0)
+    if on_structure:
+        c = ijk[np.argmin(((ijk - c) ** 2).sum(1))].astype(np.float64)
+    return case.volume.voxel_to_world(c[None])[0]
+
+
+def distance_to_structure(case: LabelledCase, organ: int, points: np.ndarray) -> np.ndarray:
+    """(N,) world distance (mm) from each point to the nearest voxel of ``organ`` (0 inside it)."""
+    mask = case.label == organ
+    dist = ndimage.distance_transform_edt(~mask, sampling=case.volume.spacing)
+    ijk = np.rint(case.volume.world_to_voxel(points)).astype(int)
+    ijk = np.clip(ijk, 0, np.asarray(mask.shape) - 1)
+    return dist[tuple(ijk.T)]
+
+
+def evaluate_organ_pairs(cases: Sequence[LabelledCase], methods: dict[str, Callable], compact: dict[int, str],
+                         elongated: dict[int, str], n_pairs: int = 20, seed: int = 0) -> dict:
+    """Per organ and method: compact organs by the error of the matched centroid, elongated ones
+    (spinal cord, oesophagus) by the distance from the matched point to the structure.
+
+    For each of ``n_pairs`` random ordered pairs (A, B) of different cases, every organ contoured in
+    both is queried at its point in A (:func:`organ_point`) and the method's match in B scored.
+    ``methods`` as in :func:`evaluate_pairs`.
+    """
+    if len(cases) < 2:
+        raise ValueError("evaluation needs at least two cases")
+    rng = np.random.default_rng(seed)
+    organs = {**compact, **elongated}
+    errors = {m: {o: [] for o in organs} for m in methods}
+    pairs = []
+    for _ in range(n_pairs):
+        ia, ib = (int(i) for i in rng.choice(len(cases), size=2, replace=False))
+        a, b = cases[ia], cases[ib]
+        shared = [o for o in organs if o in a.contoured and o in b.contoured]
+        pts = [organ_point(a, o, on_structure=o in elongated) for o in shared]
+        keep = [(o, p) for o, p in zip(shared, pts) if p is not None]
+        if not keep:
+            continue
+        pairs.append((a.name, b.name))
+        query = np.stack([p for _, p in keep])
+        for name, fn in methods.items():
+            pred = np.asarray(fn(a, b, query))
+            for (o, _), q in zip(keep, pred):
+                if o in elongated:
+                    errors[name][o].append(float(distance_to_structure(b, o, q[None])[0]))
+                else:
+                    truth = organ_point(b, o, on_structure=False)
+                    errors[name][o].append(float(np.linalg.norm(q - truth)))
+    out = {"pairs": [list(p) for p in pairs], "organs": {str(o): n for o, n in organs.items()},
+           "compact": sorted(compact), "elongated": sorted(elongated), "methods": {}}
+    for name, per in errors.items():
+        res = {organs[o]: summarize(np.asarray(e)) for o, e in per.items() if e}
+        comp = np.concatenate([np.asarray(per[o]) for o in compact if per[o]] or [np.zeros(0)])
+        if len(comp):
+            res["compact organs"] = summarize(comp)
+        out["methods"][name] = res
+    return out
+
+
+def format_organ_table(result: dict) -> str:
+    """One row per method and organ: MRE, median, within 10 mm, n."""
+    lines = [f"{'method':<18} {'organ':<16} {'MRE mm':>8} {'median':>8} {'<=10mm':>8} {'n':>5}"]
+    for name, per in result["methods"].items():
+        for organ, m in per.items():
+            lines.append(f"{name:<18} {organ:<16} {m['mre_mm']:8.2f} {m['median_mm']:8.2f} "
+                         f"{100 * m['within_10mm']:7.1f}% {m['n']:5d}")
+    return "\n".join(lines)
