@@ -205,8 +205,15 @@ def single_threaded_children() -> Iterator[None]:
     A pool of N workers that each use every core would oversubscribe the machine N-fold; the
     environment is what spawned children inherit, so it is set here and restored afterwards.
     """
-    saved = {k: os.environ.get(k) for k in THREAD_ENV_KEYS}
-    os.environ.update({k: "1" for k in THREAD_ENV_KEYS})
+    with environment({k: "1" for k in THREAD_ENV_KEYS}):
+        yield
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Within the block, ``os.environ`` holds ``values``; the previous values (or their absence) come back after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
