@@ -143,8 +143,10 @@ def write_resolved_config(cfg: Any, out: Path) -> None:
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run a CLI body, turning expected failures into one clear line and exit code 2; leave the
     process group (if the body joined one) on the way out, except when a peer broke it."""
+    finished = False
     try:
         code = fn()
+        finished = True
     except PeerFailure as e:
         # The process group is broken: destroying it, or letting the interpreter tear it down at
         # exit, can abort inside gloo/NCCL (SIGABRT), which would replace this message's exit code.
@@ -164,5 +166,5 @@ def run_main(fn: Callable[[], int | None]) -> None:
               "free some space, then continue with the same command plus --resume", file=sys.stderr)
         sys.exit(2)
     finally:
-        cleanup_distributed()
+        cleanup_distributed(wait_for_peers=finished)
     sys.exit(code or 0)

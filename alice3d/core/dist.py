@@ -107,10 +107,18 @@ def comm_failure_message(e: BaseException, rank: int, timeout_s: float) -> str:
     )
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group at the end of a run (torch warns about groups left behind)."""
-    if is_dist():
-        dist.destroy_process_group()
+def cleanup_distributed(wait_for_peers: bool = True) -> None:
+    """Leave the process group at the end of a run (torch warns about groups left behind).
+
+    With ``wait_for_peers`` every rank first meets the others at a barrier: a gloo rank that tears
+    its connections down while a peer still uses them (rank 0 writing its last files, say) can
+    abort the peer with SIGABRT ("terminate called without an active exception"). After a failure
+    pass ``False``: the peers may never arrive."""
+    if not is_dist():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -7,6 +7,7 @@ import os
 import torch
 
 from alice3d.config import TrainConfig
+from alice3d.core.dist import cleanup_distributed
 from alice3d.methods.alice import Alice, AliceConfig
 from alice3d.train.trainer import Trainer
 
@@ -60,7 +61,7 @@ def _worker(rank, world, port, run_dir, out):
     model = run_alice(run_dir, GLOBAL_BATCH // world)
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
-    torch.distributed.destroy_process_group()
+    cleanup_distributed()  # all ranks leave together; see its docstring
 
 
 def logged(run_dir, key):

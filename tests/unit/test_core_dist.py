@@ -46,6 +46,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out["dino"] = dino(data["s"][sl], data["t"][sl]).detach()
         out["center"] = dino.center.clone()
         torch.save(out, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # leave together: a gloo rank torn down while its peer still talks can abort it
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,10 @@ BODY = textwrap.dedent("""
     from alice3d.errors import DataError, PeerFailure
 
     # Stand-ins for a broken process group whose teardown aborts the process (SIGABRT).
-    common.cleanup_distributed = os.abort
+    def teardown(wait_for_peers=True):
+        print(f"teardown wait_for_peers={{wait_for_peers}}", file=sys.stderr, flush=True)
+        os.abort()
+    common.cleanup_distributed = teardown
     atexit.register(os.abort)
 
     def body():
@@ -41,3 +44,5 @@ def test_other_expected_failures_still_leave_the_group(exc):
     proc = run_body(exc)
     assert proc.returncode == -6, proc.stderr
     assert "error: what went wrong" in proc.stderr
+    # A failed rank must not wait at the leaving barrier: its peers may never get there.
+    assert "teardown wait_for_peers=False" in proc.stderr

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from alice3d.config import TrainConfig, section
+from alice3d.core.dist import cleanup_distributed
 from alice3d.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from alice3d.train.module import TrainModule
 from alice3d.train.trainer import Trainer, TrainingError
@@ -208,7 +209,7 @@ def _ddp_worker(rank, world, port, run, out):
     Trainer(model, cfg.train, run, full_config=cfg).fit(ToyData())
     if rank == 0:
         torch.save(model.lin.weight.detach().clone(), out)
-    torch.distributed.destroy_process_group()
+    cleanup_distributed()  # all ranks leave together; see its docstring
 
 
 def test_two_process_gloo_matches_single_process(tmp_path, free_port):
