@@ -133,7 +133,8 @@ class PairsConfig:
     Q (the method as published). ``same_position``: a baseline without a matcher that takes the
     same normalised position in the two volumes' bounding boxes. ``same_volume``: Q and K are the
     same crop of one volume (only their views differ), i.e. no inter-volume alignment (the
-    paper's Table 5 ablation).
+    paper's Table 5 ablation, with ``alice.w_inter=0``). ``random``: K is a crop at a random body
+    point of a random other volume, i.e. Alice's pipeline without the registration (a control).
     """
 
     source: str = "landmark"
@@ -148,7 +149,7 @@ class PairsConfig:
     embedding_cache_mb: float = 2048.0  # per process: embeddings held for "none"/"affine" on a store
 
     def validate(self, prefix: str = "pairs") -> None:
-        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position", "same_volume"])
+        check_choice(f"{prefix}.source", self.source, ["landmark", "same_position", "same_volume", "random"])
         check_choice(f"{prefix}.consistency", self.consistency, ["auto", "none", "affine", "reference"])
 
 

@@ -90,7 +90,8 @@ class PairSampler:
                  min_score: float = 0.5, max_retries: int = 4, seed: int = 0, body_threshold: float = 0.05,
                  fallback: str = "best", sources: Sequence | None = None, pad_value: float | None = None,
                  device: str = "cpu", match_device: str = "cpu", consistency: str = "none",
-                 transforms: Sequence | None = None, embeddings: Sequence | None = None, same_volume: bool = False):
+                 transforms: Sequence | None = None, embeddings: Sequence | None = None, same_volume: bool = False,
+                 random_key: bool = False):
         if len(volumes) < 2:
             raise PairError(f"crop pairs need at least two volumes, got {len(volumes)}")
         if fallback not in ("best", "position"):
@@ -101,6 +102,10 @@ class PairSampler:
         self.min_score, self.max_retries, self.fallback = float(min_score), int(max_retries), fallback
         self.seed = seed
         self.same_volume = bool(same_volume)  # K = Q's crop of the same volume (no matcher used)
+        # K at a random body point of another volume: Alice's pipeline without the registration.
+        self.random_key = bool(random_key)
+        if self.same_volume and self.random_key:
+            raise PairError("same_volume and random_key exclude each other")
         if consistency not in ("none", "affine", "reference"):
             raise PairError(f"consistency: expected 'none', 'affine' or 'reference', got {consistency!r}")
         self._check_geometry(volumes)
@@ -231,6 +236,9 @@ class PairSampler:
             b = a
             p = self._query(a, rng)
             pb, score, tries = p, float("nan"), 1
+        elif self.random_key:
+            p, pb = self._query(a, rng), self._query(b, rng)
+            score, tries = float("nan"), 1
         elif self.transforms is not None:
             for tries in range(1, self.max_retries + 2):
                 p = self._query(a, rng)
@@ -334,7 +342,8 @@ def pair_dataset(data: DataConfig, pairs: PairsConfig, crop_size: Sequence[int],
         vset, model, consistency = prepared.volumes, prepared.model, prepared.consistency
     kw = dict(crop_size=crop_size, min_score=pairs.min_score, max_retries=pairs.max_retries)
     if model is None:
-        sampler = PairSampler(vset.volumes, None, same_volume=pairs.source == "same_volume", **kw)
+        sampler = PairSampler(vset.volumes, None, same_volume=pairs.source == "same_volume",
+                              random_key=pairs.source == "random", **kw)
     elif vset.store is not None:
         sampler = store_pair_sampler(vset.store, vset.volumes, Matcher(model, device=device), consistency,
                                      embedding_cache_mb=pairs.embedding_cache_mb, model=model, **kw)

@@ -8,13 +8,13 @@ Swin / nnFormer mask units; see `encoders.registry`). Batch: `{"image": (B, C, *
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from alice3d.config import check_ratio
+from alice3d.config import ConfigError, check_ratio
 from alice3d.core.losses import masked_mse
 from alice3d.core.masking import MaskInfo, random_masking
 from alice3d.core.patches import patchify
@@ -22,6 +22,7 @@ from alice3d.encoders.backbone import BackboneConfig, build_backbone
 from alice3d.methods.base import PretrainMethod, check_images, encoder_export
 from alice3d.methods.common import CPU_DECODER, CPU_VIT, TINY_DECODER, TINY_VIT, reconstruction_panels
 from alice3d.methods.decoder import MAEDecoder, check_decoder
+from alice3d.methods.views import OnlineAugConfig, random_resized_crop
 
 __all__ = ["MAEConfig", "MAE", "cpu_config", "TINY"]
 
@@ -35,11 +36,18 @@ class MAEConfig(BackboneConfig):
     decoder_depth: int = 8
     decoder_heads: int = 12
     norm_pix: bool = True
+    # Off by default. On: the crop is randomly resized-cropped and flipped before masking (MAE's
+    # own recipe), exactly as Alice's online view, so the two can be compared on equal views.
+    online_aug: OnlineAugConfig = field(default_factory=lambda: OnlineAugConfig(enabled=False))
 
     def validate(self, prefix: str = "mae") -> None:
         self.validate_backbone(prefix, needs={"visible"}, method="MAE")
         check_ratio(f"{prefix}.mask_ratio", self.mask_ratio)
         check_decoder(self, prefix)
+        try:
+            self.online_aug.validate(prefix + ".online_aug")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def cpu_config() -> MAEConfig:
@@ -65,6 +73,8 @@ class MAE(PretrainMethod):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x = check_images(batch, "image", self.encoder)
+        if self.training and self.cfg.online_aug.enabled:
+            x = random_resized_crop(x, self.cfg.online_aug)  # the target is the augmented crop too
         masking = random_masking(x.shape[0], self.encoder.num_tokens, self.cfg.mask_ratio, device=x.device)
         pred = self.reconstruct(x, masking)
         loss = masked_mse(pred, patchify(x, self.encoder.patch_size), masking.mask, norm_pix=self.cfg.norm_pix)
