@@ -26,7 +26,8 @@ Choices where the paper leaves room (one line each):
   DINOLoss (own centre), as iBOT does for its cls and patch losses.
 - use_casa=False (ablation) pairs the raw token features: H at token i of the masked view with
   Y at token i of the augmented view, over all N tokens, i.e. exactly the misalignment that
-  CASA is meant to remove.
+  CASA is meant to remove; with intra_without_casa="pooled" it compares the token means of H
+  and Y in each volume instead (a fair "without CASA": alignment without token correspondence).
 - Collapse: `online_std` / `target_std` are the spread of the student / teacher [cls] over the
   batch (`alice3d.core.diagnostics.feature_spread`: ~1 spread out, 0 collapsed). With only what
   the paper states (negative cosine, no predictor, EMA 0.996 -> 1) every small run collapses at
@@ -109,6 +110,10 @@ class AliceConfig(BackboneConfig):
     w_inter: float = 1.0
     w_intra: float = 1.0
     use_casa: bool = True
+    # Without CASA, what l_st compares: "tokens" (H and Y token by token across the independently
+    # augmented views: the misalignment CASA removes) or "pooled" (the mean of H against the mean
+    # of Y in each volume: a within-volume view-invariance term that needs no token alignment).
+    intra_without_casa: Literal["tokens", "pooled"] = "tokens"
     norm_pix: bool = True
     ema_base: float = 0.996
     ema_final: float = 1.0
@@ -144,6 +149,7 @@ class AliceConfig(BackboneConfig):
             )
         check_choice(f"{prefix}.predictor_norm", self.predictor_norm, ["ln", "bn"])
         check_choice(f"{prefix}.casa_target", self.casa_target, CASA_TARGETS)
+        check_choice(f"{prefix}.intra_without_casa", self.intra_without_casa, ["tokens", "pooled"])
         if self.predictor_hidden_dim < 0:
             raise ConfigError(f"{prefix}.predictor_hidden_dim: expected >= 0 (0 = none), got {self.predictor_hidden_dim}")
         if self.head_out_dim % self.casa_heads:
@@ -319,6 +325,8 @@ class Alice(PretrainMethod):
                     with torch.no_grad():
                         teacher_casa = self.casa_target if self.casa_target is not None else self.casa
                         t = teacher_casa.attend(query, y)  # T: same q, teacher keys/values
+                elif cfg.intra_without_casa == "pooled":
+                    s, t = h.mean(dim=1), y.mean(dim=1)  # (2B, Dh): no token pairing needed
                 else:
                     s, t = h, y
                 # Within each volume only: S_u^Q with T_w^Q, S_r^K with T_v^K.
