@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from alice3d.config import from_dict, to_dict
-from alice3d.data.io import reorient_to_ras, resample_to_spacing
+from alice3d.data.canonical import to_canonical
 from alice3d.data.volumes import normalize_hu
 from alice3d.train.checkpoint import load_checkpoint
 from landmark.config import ModelConfig
@@ -26,7 +26,9 @@ from landmark.points import MatchError
 from landmark.store import Embedding
 
 MODEL_KIND = "alice3d-landmark"
-EMBED_FORMAT = "landmark-embedding-v2"  # v2: body mask on the fine grid
+# v2: body mask on the fine grid; v3: the grid of alice3d.data.canonical (exact spacing, MONAI's), so
+# embeddings cached on the former corner-aligned grid are computed again rather than reused
+EMBED_FORMAT = "landmark-embedding-v3"
 BODY_HU = -500.0  # above: soft tissue, fat, bone; below: air and lung
 
 
@@ -75,7 +77,7 @@ def window_channels(hu: np.ndarray, hu_window: Sequence[float], extra_windows: S
 def prepare_array(volume, spacing: Sequence[float], hu_window: Sequence[float],
                   extra_windows: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
     """``Volume`` (HU) -> RAS, resampled to ``spacing`` (mm), windowed: ``(array (C, X, Y, Z), affine)``."""
-    v = resample_to_spacing(reorient_to_ras(volume), tuple(float(s) for s in spacing))
+    v = to_canonical(volume, tuple(float(s) for s in spacing))
     return window_channels(v.array, hu_window, extra_windows), np.asarray(v.affine, dtype=np.float64)
 
 

@@ -26,9 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from alice3d.data.canonical import to_canonical
 from alice3d.data.crops import crop_at
 from alice3d.data.datalists import load_datalist
-from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
+from alice3d.data.io import DataError, Volume, load_volume
 from alice3d.data.phantom import default_cohort
 from alice3d.data.volumes import normalize_hu
 from alice3d.encoders.resnet import ResNetEncoder
@@ -121,7 +122,7 @@ def load_labeled_volumes(
     vols = []
     for e in labeled:
         vol = load_volume(e["image"], e["label"])
-        vol = resample_to_spacing(reorient_to_ras(vol), spacing)
+        vol = to_canonical(vol, spacing)
         vols.append(Volume(array=normalize_hu(vol.array, hu_window), affine=vol.affine, path=vol.path, label=vol.label))
     return vols
 

@@ -3,6 +3,7 @@
     alice3d-finetune --task btcv [--data-root DIR] [--model unetr|swin_unetr|nnformer]
                      [--pretrained RUN/encoder.pt] --out RUN [--resume] [key=value ...]
     alice3d-finetune predict --run RUN --image CT.nii.gz --out SEG.nii.gz
+    alice3d-finetune evaluate --run RUN --data DATASET.json [--split test]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from alice3d.cli.common import add_config_args, prepare_run_dir, resolve_config,
 from alice3d.core.dist import is_main_process
 from alice3d.data.io import DataError
 from alice3d.finetune.config import FinetuneConfig
+from alice3d.finetune.held_out import evaluate_run
 from alice3d.finetune.predict import predict
 from alice3d.finetune.train import run_finetune
 
@@ -27,7 +29,7 @@ def _train_parser() -> argparse.ArgumentParser:
                     "from a pretrained encoder.pt. Without --data-root the btcv task runs on the embedded "
                     "phantom cohort with CPU-sized settings; on real data the task geometry (task.spacing, "
                     "task.roi) defaults to a CPU-sized one when training on the CPU and to the GPU recipe's on "
-                    "CUDA. Subcommand: 'alice3d-finetune predict --help'.",
+                    "CUDA. Subcommands: 'alice3d-finetune predict --help', 'alice3d-finetune evaluate --help'.",
     )
     p.add_argument("--task", default=None,
                    help="btcv | flare22 | classification | custom (task.name); custom: organ names from "
@@ -65,6 +67,33 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alice3d-finetune evaluate",
+        description="Score a finished fine-tuning run's best.pt on a held-out split of a datalist (default: its "
+                    "'test' cases, which fine-tuning never sees): per-organ Dice/NSD with the run's task, "
+                    "preprocessing and partial-label rules, written to RUN/<split>_results.json and .md.",
+    )
+    p.add_argument("--run", type=Path, required=True, help="fine-tuning run directory (holding best.pt)")
+    p.add_argument("--data", type=Path, required=True, help="datalist JSON holding the split (labels required)")
+    p.add_argument("--split", default="test", choices=["test", "validation", "training"], help="default: test")
+    p.add_argument("--max-cases", type=int, default=0, help="> 0: only the first N cases of the split")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--on-bad-data", default="skip", choices=["skip", "fail"])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    args = _evaluate_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    res = evaluate_run(args.run, args.data, split=args.split, max_cases=args.max_cases, device=args.device,
+                       on_bad_data=args.on_bad_data)
+    print(f"{args.split}: mean Dice {res['metrics'].get('mean_dice')} over {res['n_cases']} cases; "
+          f"{args.run / (args.split + '_results.json')}")
+    return 0
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -114,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "predict":
         run_main(lambda: _reporting_data_errors(predict_main, argv[1:]))
+    elif argv and argv[0] == "evaluate":
+        run_main(lambda: _reporting_data_errors(evaluate_main, argv[1:]))
     else:
         run_main(lambda: _reporting_data_errors(train_main, argv))
 

@@ -263,7 +263,11 @@ def label_array(arr: np.ndarray, path: str = "") -> np.ndarray:
 
 
 def reorient_to_ras(volume: Volume) -> Volume:
-    """Flip/transpose array (and label) so the axes run R, A, S; world positions are preserved."""
+    """Flip/transpose array (and label) so the axes run R, A, S; world positions are preserved.
+
+    The commands reorient and resample through :func:`alice3d.data.canonical.to_canonical`
+    (the one geometry path, MONAI's ``Orientation``, voxel for voxel the same flips as here).
+    """
     ornt = nio.io_orientation(volume.affine)
     target = nio.axcodes2ornt("RAS")
     transform = nio.ornt_transform(ornt, target)
@@ -293,6 +297,11 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1
     requested spacing exactly instead (grid centred on the old one), which is what volumes
     that must share one voxel grid (crop pairs) need. The label map, if any, is resampled
     with nearest neighbour. The affine keeps its direction cosines.
+
+    Not the commands' path: the store, pretraining, fine-tuning, landmark and probing all use
+    :func:`alice3d.data.canonical.to_canonical` (MONAI's grid: voxel 0 kept, exact spacing), so
+    that fine-tuning can invert it and every command sees the same voxels. This grid (edge to
+    edge, or centred) is for callers that need the extent kept.
     """
     nd = volume.array.ndim
     old = np.asarray(volume.spacing, dtype=np.float64)

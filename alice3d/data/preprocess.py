@@ -30,7 +30,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from alice3d.data.datalists import display_names
 from alice3d.data.digest import file_digest, file_stamp, hash_arrays, volume_digest
 from alice3d.data.inspect import log_modality_warnings, too_few_slices
-from alice3d.data.io import DataError, load_volume, reorient_to_ras, resample_to_spacing
+from alice3d.data.canonical import to_canonical
+from alice3d.data.io import DataError, load_volume
 from alice3d.data.phantom import cache_root
 from alice3d.data.sources import body_voxels, box_world
 from alice3d.data.store import (
@@ -147,7 +148,7 @@ def preprocess_case(source: str, name: str, root: str | os.PathLike, settings: S
     vol = with_hu_offset(vol, settings.hu_offset)
     warnings = log_modality_warnings(vol, "CT", log)
     lo_hu, hi_hu = float(vol.array.min()), float(vol.array.max())
-    ras = resample_to_spacing(reorient_to_ras(vol), settings.spacing, exact=True)
+    ras = to_canonical(vol, settings.spacing)
     del vol
     hu = np.clip(np.rint(ras.array), -32768, 32767).astype(np.int16)
     body = ras.array > settings.body_hu
@@ -433,7 +434,8 @@ def auto_store(paths: Sequence[str], settings: StoreSettings, workers: int | Non
     the manifest; a node whose cache is not shared builds its own copy. A wait that sees no
     case finished for ``stall_s`` seconds gives up with a message.
     """
-    root = cache_root() / "stores" / store_key(paths, settings)[:24]
+    # The format version is in the name: an upgrade builds a new store instead of refusing the old one.
+    root = cache_root() / "stores" / f"v{VERSION}-{store_key(paths, settings)[:24]}"
     if (root / MANIFEST_FILE).is_file():
         return VolumeStore(root)
     log.info("preprocessing %d volumes into the volume store %s (once; reused by later runs)", len(paths), root)

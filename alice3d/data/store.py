@@ -48,7 +48,8 @@ __all__ = ["FORMAT", "VERSION", "StoreError", "StoreSettings", "StoreVolume", "V
            "open_store", "verify_store", "body_hu_of_window"]
 
 FORMAT = "alice3d-volume-store"
-VERSION = 1
+# 2: voxels on the one geometry path (alice3d.data.canonical, MONAI's grid); v1 stores are refused.
+VERSION = 2
 SETTINGS_FILE = "store.json"
 MANIFEST_FILE = "manifest.json"
 META_FILE = "meta.json"

@@ -20,7 +20,8 @@ import numpy as np
 
 from alice3d.data.datalists import load_datalist
 from alice3d.data.inspect import log_modality_warnings, too_few_slices
-from alice3d.data.io import DataError, Volume, load_volume, reorient_to_ras, resample_to_spacing
+from alice3d.data.canonical import to_canonical
+from alice3d.data.io import DataError, Volume, load_volume
 from alice3d.data.phantom import default_cohort
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def prepare_volume(path: str, spacing: Sequence[float], hu_window: Sequence[floa
     if few:
         raise DataError(f"{path}: {few}")
     log_modality_warnings(vol, "CT", log)
-    vol = resample_to_spacing(reorient_to_ras(vol), spacing, exact=True)
+    vol = to_canonical(vol, spacing)
     small = too_small(vol.shape, spacing, min_shape)
     if small:
         raise DataError(f"{path}: {small}")

@@ -24,11 +24,9 @@ from monai.config import KeysCollection
 from monai.utils import TraceKeys
 from monai.transforms.utils import map_binary_to_indices, map_classes_to_indices
 
+from alice3d.data.canonical import RAS_LABELS, geometry_transforms  # RAS_LABELS: the bundle exporter's too
 from alice3d.finetune.config import AugConfig
 from alice3d.finetune.tasks import CLASSIFICATION, TaskSpec
-
-# Axis labels of RAS+ world coordinates (nibabel's, and alice3d.data.io's, convention).
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def _is_seg(task: TaskSpec) -> bool:
@@ -45,12 +43,12 @@ def preprocess_transforms(task: TaskSpec, keys: Sequence[str] = ("image", "label
     keys = [k for k in keys]
     image_keys = [k for k in keys if k == "image"]
     lo, hi = task.hu_window
+    # The geometry steps are the store's, landmark's and probing's (alice3d.data.canonical), so a
+    # case gets the same voxels here as in every other command; they stay invertible for Invertd.
     steps: list = [mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
-                   mt.Orientationd(keys=keys, axcodes=task.orientation, labels=RAS_LABELS)]
+                   *geometry_transforms(keys, task.spacing if _is_seg(task) else None, task.orientation,
+                                        image_keys=image_keys)]
     if _is_seg(task):
-        if task.spacing:
-            modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-            steps.append(mt.Spacingd(keys=keys, pixdim=tuple(task.spacing), mode=modes))
         steps.append(mt.ScaleIntensityRanged(keys=image_keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
         steps.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True, margin=0))
     else:

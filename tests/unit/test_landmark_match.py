@@ -109,17 +109,17 @@ def test_reoriented_copy_gives_identical_world_matches(net, volume, tmp_path, co
 @pytest.mark.parametrize("consistency", ["affine", "none"])
 @pytest.mark.parametrize("factors", [(2, 2, 2), (1, 1, 3)])
 def test_finer_spacing_copy_gives_identical_world_matches(net, volume, tmp_path, factors, consistency):
-    """B stores A on a finer grid (each voxel repeated); resampled to the model spacing it is A again."""
+    """B stores A on a finer grid (each voxel repeated) that shares A's voxel 0 (the grid of
+    alice3d.data.canonical keeps voxel 0): resampled to the model spacing it is A again."""
     m = Matcher(net, cache_dir=tmp_path, consistency=consistency)
     pts = _points(volume)
     ref, _ = m.match(volume, volume, pts)
     f = np.asarray(factors)
     arr = volume.array
     for axis, k in enumerate(f):
-        arr = np.repeat(arr, k, axis=axis)
-    scale = np.eye(4)
-    scale[:3, :3] = np.diag(1.0 / f)
-    scale[:3, 3] = 0.5 / f - 0.5  # voxel j of B sits at A index (j + 0.5) / f - 0.5
+        # voxel j of B sits at A index j / f; f * (n - 1) + 1 voxels end on A's last voxel
+        arr = np.repeat(arr, k, axis=axis)[(slice(None),) * axis + (slice(0, k * (volume.shape[axis] - 1) + 1),)]
+    scale = np.diag([*(1.0 / f), 1.0])
     fine = Volume(arr, volume.affine @ scale, "fine")
     assert np.allclose(fine.spacing, np.asarray(volume.spacing) / f)
     found, _ = m.match(volume, fine, pts)
