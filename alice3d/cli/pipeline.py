@@ -44,8 +44,8 @@ def run_stage(name: str, cmd: list[str], done_marker: Path, log: list[dict]) -> 
 
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: dict[int, str]) -> dict[str, float]:
     """``{organ name: Dice}`` of two label maps of one shape, scored by the fine-tuning metric
-    (`alice3d.finetune.metrics.dice_per_class`): NaN for an organ absent from both, 0 for one
-    present in only one of them."""
+    (`alice3d.finetune.metrics.dice_per_class`, MONAI's ``compute_dice``): NaN for an organ
+    absent from both, 0 for one present in only one of them."""
     ids = list(labels)
     return {labels[k]: float(v) for k, v in zip(ids, dice_per_class(pred, ref, ids))}
 

@@ -6,8 +6,8 @@ Conventions (per case and organ):
   case does not enter that organ's mean, and the count of cases that did is reported;
 - organ absent from the ground truth but predicted (or the reverse): 0 for Dice and NSD,
   so false positives are never hidden;
-- NSD uses MONAI's ``SurfaceDiceMetric`` with one tolerance in mm per organ and the
-  voxel spacing of the arrays compared;
+- Dice is MONAI's ``compute_dice``; NSD is MONAI's ``SurfaceDiceMetric`` with one tolerance
+  in mm per organ and the voxel spacing of the arrays compared;
 - partial labels: an organ the case does not contour is unknown there, so it gets no Dice
   or NSD in that case (None, listed under the case's ``"not_contoured"``), whatever is
   predicted; its mean is over the cases that contour it, and ``n_contoured`` says how many.
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import SurfaceDiceMetric
+from monai.metrics import SurfaceDiceMetric, compute_dice
 
 
 def _labels(x: Any) -> torch.Tensor:
@@ -37,16 +37,28 @@ def _labels(x: Any) -> torch.Tensor:
 
 
 def dice_per_class(pred: Any, gt: Any, class_ids: Sequence[int]) -> np.ndarray:
-    """Dice per class id ``(len(class_ids),)``; NaN where the class is absent from both."""
+    """Dice per class id ``(len(class_ids),)`` of two label maps ``(*S)`` (2-D or 3-D).
+
+    Scored by MONAI's ``compute_dice`` on the label-encoded maps ``(1, 1, *S)``. NaN where the
+    class is absent from both; 0 where it is in only one of them.
+    """
     p, g = _labels(pred), _labels(gt)
     if p.shape != g.shape:
         raise ValueError(f"dice: prediction shape {tuple(p.shape)} != ground-truth shape {tuple(g.shape)}")
-    out = np.full(len(class_ids), np.nan)
-    for i, c in enumerate(class_ids):
-        a, b = p == c, g == c
-        sa, sb = int(a.sum()), int(b.sum())
-        if sa + sb:
-            out[i] = 2.0 * int((a & b).sum()) / (sa + sb)
+    ids = [int(c) for c in class_ids]
+    if not ids:
+        return np.empty(0)
+    if min(ids) < 0:
+        raise ValueError(f"dice: class ids must be label ids >= 0, got {ids}")
+    # num_classes >= 2: with one channel MONAI would score label 1 whatever the id asked for
+    n = max(max(ids) + 1, 2)
+    scores = compute_dice(p[None, None], g[None, None], include_background=True, ignore_empty=True, num_classes=n)
+    out = scores[0, ids].double().numpy()
+    # ignore_empty gives NaN whenever the ground truth lacks the class, predicted or not; a
+    # false positive must score 0 so it is never hidden from the mean
+    for i, c in enumerate(ids):
+        if math.isnan(out[i]) and bool((p == c).any()):
+            out[i] = 0.0
     return out
 
 

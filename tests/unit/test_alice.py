@@ -12,8 +12,8 @@ from alice3d.core.ema import cosine_momentum, scaled_momentum_base
 from alice3d.core.losses import negative_cosine
 from alice3d.methods.alice import Alice, AliceConfig
 from alice3d.methods.views import make_alice_views
+from helpers import TINY_VIT, TINY_VIT_WIDTH
 
-TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {3: ((32, 32, 16), 8), 2: ((32, 32), 8)}
 
 
@@ -21,7 +21,7 @@ def tiny_cfg(nd=3, **kw):
     size, patch = SIZES[nd]
     args = dict(
         encoder="vit_tiny",
-        encoder_kwargs=dict(TINY_ENCODER),
+        encoder_kwargs=dict(TINY_VIT),
         img_size=size,
         patch_size=patch,
         spatial_dims=nd,
@@ -284,14 +284,14 @@ def test_preview_and_train_mode(nd):
 
 
 def test_encoder_state_is_the_online_encoder_and_loads_into_unetr():
-    cfg = tiny_cfg(3, img_size=(32, 32, 32), patch_size=16, encoder_kwargs=dict(TINY_ENCODER, num_layers=12))
+    cfg = tiny_cfg(3, img_size=(32, 32, 32), patch_size=16, encoder_kwargs=dict(TINY_VIT, num_layers=12))
     torch.manual_seed(0)
     model = Alice(cfg)
     with torch.no_grad():
         for p in model.target.parameters():
             p.add_(1.0)
     state, meta = model.encoder_state()
-    unetr = UNETR(1, 2, (32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4)
+    unetr = UNETR(1, 2, (32, 32, 32), feature_size=8, **TINY_VIT_WIDTH)
     unetr.vit.load_state_dict(state, strict=True)
     for name, p in model.encoder.state_dict().items():
         torch.testing.assert_close(state[name], p, rtol=0, atol=0)

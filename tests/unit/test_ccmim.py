@@ -11,21 +11,16 @@ from alice3d.core.losses import info_nce
 from alice3d.core.masking import importance_masking, sampled_masking
 from alice3d.encoders.vit import ViTEncoder
 from alice3d.methods.ccmim import CCMIM, CCMIMConfig, cls_attention_scores, eq7_info_nce
+from helpers import TINY_VIT
 
-TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {2: (16, 16), 3: (8, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_ccmim(nd, seed=0, **kw):
-    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_ENCODER), img_size=SIZES[nd], patch_size=4,
+    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_VIT), img_size=SIZES[nd], patch_size=4,
                 spatial_dims=nd, decoder_dim=24, decoder_depth=1, decoder_heads=2, proj_hidden_dim=32, proj_dim=16)
     args.update(kw)
     torch.manual_seed(seed)
@@ -62,7 +57,7 @@ def test_a_tiny_run_lowers_the_loss(nd, contrast):
 @pytest.mark.parametrize("nd", [2, 3])
 def test_scores_are_monai_cls_attention_summed_over_layers(nd):
     torch.manual_seed(0)
-    enc = ViTEncoder(SIZES[nd], 4, spatial_dims=nd, cls_token=True, save_attn=True, **TINY_ENCODER)
+    enc = ViTEncoder(SIZES[nd], 4, spatial_dims=nd, cls_token=True, save_attn=True, **TINY_VIT)
     x = tiny_batch(nd, b=2)["image"]
     scores = cls_attention_scores(enc, x)
     with torch.no_grad():
@@ -118,8 +113,7 @@ def test_export_drops_the_cls_token_and_loads_into_monai_vit():
     model = tiny_ccmim(3)
     state, meta = model.encoder_state()
     assert "cls_token" not in state and meta["cls_token"] is False and meta["method"] == "ccmim"
-    vit = ViT(in_channels=1, img_size=SIZES[3], patch_size=4, spatial_dims=3, classification=False,
-              hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
+    vit = ViT(in_channels=1, img_size=SIZES[3], patch_size=4, spatial_dims=3, classification=False, **TINY_VIT)
     vit.load_state_dict(state, strict=True)
     panels = model.eval().preview(tiny_batch(3))
     assert {"input", "masked", "reconstruction", "attention"} <= set(panels)
@@ -211,7 +205,7 @@ def test_eq7_hand_values_and_gradient_only_through_the_visible_cls():
 @pytest.mark.parametrize("nd", [2, 3])
 def test_last_layer_score_is_the_cls_softmax_over_patch_keys(nd):
     torch.manual_seed(0)
-    enc = ViTEncoder(SIZES[nd], 4, spatial_dims=nd, cls_token=True, save_attn=True, **TINY_ENCODER)
+    enc = ViTEncoder(SIZES[nd], 4, spatial_dims=nd, cls_token=True, save_attn=True, **TINY_VIT)
     x = tiny_batch(nd, b=2)["image"]
     scores = cls_attention_scores(enc, x, "last_layer")
     with torch.no_grad():

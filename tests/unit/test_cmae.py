@@ -4,21 +4,16 @@ import pytest
 import torch
 
 from alice3d.methods.cmae import CMAE, CMAEConfig
+from helpers import TINY_VIT
 
-TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {2: (16, 16), 3: (8, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cmae(nd, seed=0, **kw):
-    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_ENCODER), img_size=SIZES[nd], patch_size=4,
+    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_VIT), img_size=SIZES[nd], patch_size=4,
                 spatial_dims=nd, proj_hidden_dim=32, proj_dim=16)
     args.update(kw)
     torch.manual_seed(seed)

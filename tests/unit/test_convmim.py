@@ -16,12 +16,7 @@ SIZES = {2: ((64, 64), 16), 3: ((32, 32, 32), 8)}
 TINY_BACKBONE = dict(layers=[1, 1, 1, 1], widths=[8, 16, 16, 16])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_convmim(nd, seed=0, **kw):
@@ -127,9 +122,26 @@ def test_backbone_loads_into_monai_resnet_and_defaults():
     rebuilt = ResNetEncoder.from_metadata(meta)
     rebuilt.load_state_dict(state, strict=True)
     assert default_mask_patch(2) == 32 and default_mask_patch(3) == 16
-    assert ConvMIMConfig().mask_ratio == 0.7
     panels = model.eval().preview({"image": smooth_pattern(SIZES[2][0])})
     assert {"input", "view_q_masked", "target_view_k", "reconstruction", "loss_region"} <= set(panels)
+
+
+# (ratio, masked cells of the 2-D 4x4 grid, of the 3-D 4x4x4 grid): round(ratio * N), halves up;
+# None is the default config
+MASKED_CELLS = [(None, 11, 45), (0.5, 8, 32), (0.25, 4, 16), (0.9, 14, 58)]
+
+
+@pytest.mark.parametrize("ratio,cells_2d,cells_3d", MASKED_CELLS)
+def test_masking_hides_round_ratio_times_cells_per_sample_2d_and_3d(ratio, cells_2d, cells_3d):
+    for nd, cells in ((2, cells_2d), (3, cells_3d)):
+        size, patch = SIZES[nd]
+        model = tiny_convmim(nd, **({} if ratio is None else {"mask_ratio": ratio}))
+        masking, grid = model.masking(torch.zeros(3, 1, *size))
+        assert grid == (4,) * nd  # img_size / mask_patch cells per axis
+        assert masking.mask.sum(1).tolist() == [cells] * 3
+        # the pixels hidden from x_q are exactly those cells
+        hidden = mask_to_image(masking.mask, grid, patch)
+        assert hidden.flatten(1).mean(1).tolist() == pytest.approx([cells / 4**nd] * 3)
 
 
 def test_intensity_jitter_is_per_sample_affine():

@@ -11,24 +11,20 @@ from alice3d.core.masking import random_masking
 from alice3d.encoders.backbone import BackboneConfig, build_backbone, unit_size
 from alice3d.encoders.registry import ENCODERS, encoder_from_args, family_of, feature_dim, preset_names
 from alice3d.encoders.resnet import ResNetEncoder
+from helpers import TINY_VIT
 
 TOKEN_CASES = {
     "vit3d": BackboneConfig(encoder="vit_tiny", img_size=(32, 32, 16), patch_size=8,
-                            encoder_kwargs={"num_layers": 2, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
+                            encoder_kwargs=dict(TINY_VIT)),
     "vit2d": BackboneConfig(encoder="vit_tiny", img_size=(32, 32), patch_size=8, spatial_dims=2,
-                            encoder_kwargs={"num_layers": 2, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}),
+                            encoder_kwargs=dict(TINY_VIT)),
     "swin3d": BackboneConfig(encoder="swin_tiny", img_size=(64, 64, 32), encoder_kwargs={"window_size": 4}),
     "swin2d": BackboneConfig(encoder="swin_tiny", img_size=(64, 64), spatial_dims=2, encoder_kwargs={"window_size": 4}),
     "nnformer3d": BackboneConfig(encoder="nnformer_tiny", img_size=(64, 64, 32)),
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def built(case: str):

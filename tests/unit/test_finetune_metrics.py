@@ -41,6 +41,73 @@ def test_empty_class_conventions():
     assert missed[0] == 0.0
 
 
+def _two_class_maps_2d():
+    """Class 1: gt 5 px, pred 4 px, 3 shared (Dice 2*3/(4+5)); class 2: gt 2 px, pred 3 px, 2 shared (4/5)."""
+    gt, pred = np.zeros((4, 6), np.int64), np.zeros((4, 6), np.int64)
+    gt[0, 0:5] = 1
+    pred[0, 2:6] = 1
+    gt[2, 0:2] = 2
+    pred[2, 0:2] = 2
+    pred[3, 0] = 2
+    return pred, gt
+
+
+def _two_class_maps_3d():
+    """Class 1: two 2x2x2 cubes one voxel apart, 4 shared (8/16); class 2: gt 5, pred 4, 3 shared (6/9)."""
+    gt, pred = np.zeros((4, 4, 4), np.int64), np.zeros((4, 4, 4), np.int64)
+    gt[0:2, 0:2, 0:2] = 1
+    pred[1:3, 0:2, 0:2] = 1
+    for v in [(3, 3, 0), (3, 3, 1), (3, 3, 2), (3, 2, 0), (3, 2, 1)]:
+        gt[v] = 2
+    for v in [(3, 3, 0), (3, 3, 1), (3, 2, 0), (2, 3, 3)]:
+        pred[v] = 2
+    return pred, gt
+
+
+def test_dice_two_classes_hand_values_2d_and_3d():
+    pred, gt = _two_class_maps_2d()
+    assert dice_per_class(pred, gt, [1, 2]) == pytest.approx([2 * 3 / (4 + 5), 2 * 2 / (2 + 3)])
+    pred, gt = _two_class_maps_3d()
+    assert dice_per_class(pred, gt, [1, 2]) == pytest.approx([2 * 4 / (8 + 8), 2 * 3 / (4 + 5)])
+    # the order of the ids asked for is the order of the result; a (1, *S) channel axis is dropped
+    assert dice_per_class(pred[None], gt[None], [2, 1]) == pytest.approx([6 / 9, 0.5])
+
+
+def test_dice_absent_from_both_is_nan_and_one_sided_is_zero_2d_and_3d():
+    for pred, gt in (_two_class_maps_2d(), _two_class_maps_3d()):
+        only_pred, only_gt = pred.copy(), gt.copy()
+        only_pred[pred == 2] = 7  # class 7 predicted, never in the ground truth
+        only_gt[gt == 2] = 5  # class 5 in the ground truth, never predicted
+        d = dice_per_class(only_pred, only_gt, [1, 3, 5, 7])
+        assert d[0] == pytest.approx(dice_per_class(pred, gt, [1])[0])  # class 1 untouched
+        assert math.isnan(d[1])  # absent from both: not applicable, neither 1 nor 0
+        assert d[2] == 0.0 and d[3] == 0.0  # a miss and a false positive both count as 0
+
+
+def test_dice_of_background_and_of_a_single_id():
+    pred, gt = _two_class_maps_2d()
+    # background (id 0): gt 17 px, pred 17 px; foreground union 9 of 24 px, so 15 shared -> 30/34
+    assert dice_per_class(pred, gt, [0])[0] == pytest.approx(30 / 34)
+    assert dice_per_class(pred, gt, [2])[0] == pytest.approx(4 / 5)
+    assert dice_per_class(pred, gt, []).shape == (0,)
+
+
+def test_dice_matches_voxel_counting_on_random_maps():
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 5, size=(7, 6, 5))
+    pred = np.where(rng.random(gt.shape) < 0.6, gt, rng.integers(0, 5, size=gt.shape))
+    expected = [2 * ((pred == c) & (gt == c)).sum() / ((pred == c).sum() + (gt == c).sum()) for c in range(1, 5)]
+    assert dice_per_class(pred, gt, [1, 2, 3, 4]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_refuses_mismatched_shapes_and_negative_ids():
+    pred, gt = _two_class_maps_2d()
+    with pytest.raises(ValueError, match="shape"):
+        dice_per_class(pred[:3], gt, [1])
+    with pytest.raises(ValueError, match="label ids >= 0"):
+        dice_per_class(pred, gt, [-1])
+
+
 def test_nsd_hand_value_depends_on_tolerance_and_spacing():
     # 4x4x4 cube vs the same cube shifted by one voxel along z.
     gt = _cube((10, 10, 10), (3, 3, 3), (7, 7, 7))

@@ -11,14 +11,14 @@ from alice3d.core.patches import patchify
 from alice3d.core.pos_embed import sincos_pos_embed
 from alice3d.methods.decoder import MAEDecoder
 from alice3d.methods.mae import MAE, MAEConfig
+from helpers import TINY_VIT, TINY_VIT_WIDTH
 
-TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {3: ((32, 32, 16), 8), 2: ((32, 32), 8)}
 
 
 def tiny_mae(nd=3, seed=0, **kw):
     size, patch = SIZES[nd]
-    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_ENCODER), img_size=size, patch_size=patch,
+    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_VIT), img_size=size, patch_size=patch,
                 spatial_dims=nd, decoder_dim=24, decoder_depth=1, decoder_heads=2)
     args.update(kw)
     torch.manual_seed(seed)
@@ -100,14 +100,14 @@ def test_preview(nd):
 
 
 def test_encoder_state_loads_into_unetr_and_monai_vit_2d():
-    model = tiny_mae(3, img_size=(32, 32, 32), patch_size=16, encoder_kwargs=dict(TINY_ENCODER, num_layers=12))
+    model = tiny_mae(3, img_size=(32, 32, 32), patch_size=16, encoder_kwargs=dict(TINY_VIT, num_layers=12))
     state, meta = model.encoder_state()
-    UNETR(1, 2, (32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4).vit.load_state_dict(
+    UNETR(1, 2, (32, 32, 32), feature_size=8, **TINY_VIT_WIDTH).vit.load_state_dict(
         state, strict=True
     )
     assert meta["method"] == "mae" and meta["kind"] == "vit"
     state2d, _ = tiny_mae(2).encoder_state()
-    ViT(1, (32, 32), 8, num_layers=2, spatial_dims=2, hidden_size=48, mlp_dim=96, num_heads=4).load_state_dict(
+    ViT(1, (32, 32), 8, spatial_dims=2, **TINY_VIT).load_state_dict(
         state2d, strict=True
     )
 

@@ -25,12 +25,7 @@ TINY = {name: dict(entry.tiny) for name, entry in METHODS.items()}
 SWIN_TINY = {"encoder": "swin_tiny", "encoder_kwargs": {"window_size": 4}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method_config(name: str, **overrides):

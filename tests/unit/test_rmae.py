@@ -8,21 +8,16 @@ from alice3d.core.losses import masked_mse
 from alice3d.core.masking import random_masking
 from alice3d.core.patches import patchify
 from alice3d.methods.rmae import RMAE, RMAEConfig, complement
+from helpers import TINY_VIT
 
-TINY_ENCODER = dict(hidden_size=48, mlp_dim=96, num_heads=4, num_layers=2)
 SIZES = {2: (16, 16), 3: (8, 8, 8)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_rmae(nd, seed=0, **kw):
-    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_ENCODER), img_size=SIZES[nd], patch_size=4,
+    args = dict(encoder="vit_tiny", encoder_kwargs=dict(TINY_VIT), img_size=SIZES[nd], patch_size=4,
                 spatial_dims=nd, decoder_dim=24, decoder_depth=1, decoder_heads=2)
     args.update(kw)
     torch.manual_seed(seed)
