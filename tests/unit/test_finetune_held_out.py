@@ -10,16 +10,11 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from alice3d.data.io import DataError
-from alice3d.finetune.config import ModelConfig
 from alice3d.finetune.held_out import evaluate_run
-from alice3d.finetune.models import build_network, network_spec
-from alice3d.finetune.objectives import SegmentationTask
 from alice3d.finetune.predict import predict
-from alice3d.finetune.tasks import resolve_task
-from alice3d.train.checkpoint import atomic_save
+from helpers import write_tiny_best_run
 
 # Already RAS at the task spacing and body everywhere: the task grid is the file's own grid,
 # so a label map written in the file's space is scored voxel for voxel.
@@ -28,17 +23,7 @@ AFFINE = np.diag([8.0, 8.0, 8.0, 1.0])
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    task = resolve_task("btcv", spacing=(8.0, 8.0, 8.0), roi=(32, 32, 16))
-    spec = network_spec(ModelConfig(name="unetr", hidden_size=48, mlp_dim=96, num_heads=4), task)
-    torch.manual_seed(0)
-    obj = SegmentationTask(build_network(spec), spec, task,
-                           extra_metadata={"inference": {"sw_batch_size": 2, "sw_overlap": 0.25, "sw_mode": "constant"}})
-    with torch.no_grad():
-        obj.network.out.conv.conv.weight.mul_(20.0)  # several labels in the argmax
-    atomic_save({"metadata": {"kind": "alice3d-best", **obj.metadata()}, "state_dict": obj.state_dict(), "step": 7,
-                 "metrics": {}}, run / "best.pt")
-    return run
+    return write_tiny_best_run(tmp_path_factory.mktemp("run"), step=7)
 
 
 def _write_case(folder, name, seed):

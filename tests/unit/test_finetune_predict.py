@@ -8,12 +8,9 @@ import pytest
 import torch
 
 from alice3d.data.io import DataError
-from alice3d.finetune.config import ModelConfig
-from alice3d.finetune.models import build_network, network_spec
-from alice3d.finetune.objectives import SegmentationTask
 from alice3d.finetune.predict import load_run, predict
-from alice3d.finetune.tasks import resolve_task
-from alice3d.train.checkpoint import CheckpointError, atomic_save
+from helpers import write_tiny_best_run
+from alice3d.train.checkpoint import CheckpointError
 
 RAS = np.array([[4.0, 0, 0, -60], [0, 4.5, 0, -50], [0, 0, 6.0, 10], [0, 0, 0, 1]])
 
@@ -28,18 +25,7 @@ def _as_lps(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory with a best.pt of a tiny UNETR whose head is biased so several labels appear."""
-    run = tmp_path_factory.mktemp("run")
-    task = resolve_task("btcv", spacing=(8.0, 8.0, 8.0), roi=(32, 32, 16))
-    spec = network_spec(ModelConfig(name="unetr", hidden_size=48, mlp_dim=96, num_heads=4), task)
-    torch.manual_seed(0)
-    obj = SegmentationTask(build_network(spec), spec, task,
-                           extra_metadata={"inference": {"sw_batch_size": 2, "sw_overlap": 0.25, "sw_mode": "constant"}})
-    with torch.no_grad():
-        w = obj.network.out.conv.conv.weight
-        w.mul_(20.0)  # a strongly input-dependent argmax: many labels, not just the largest bias
-    atomic_save({"metadata": {"kind": "alice3d-best", **obj.metadata()}, "state_dict": obj.state_dict(), "step": 1,
-                 "metrics": {}}, run / "best.pt")
-    return run
+    return write_tiny_best_run(tmp_path_factory.mktemp("run"))
 
 
 def _image(shape=(40, 36, 18)) -> np.ndarray:
