@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from alice3d.data.datalists import display_names
 from alice3d.data.digest import volume_digest
 from alice3d.data.io import Volume, load_volume
 from landmark.embed_cache import GROUP_SUFFIX, CacheError, note_old_entries, read_group, trim_cache, write_group
@@ -71,6 +72,13 @@ def image_key(volume) -> str:
     The same digest a volume store records for each case's source (``image_key`` in its meta).
     """
     return volume_digest(volume.array, volume.affine)
+
+
+def _path_of(item) -> str:
+    """The image path of a ``Volume`` (its ``path``) or of a path; "" when there is none."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return str(getattr(item, "path", "") or "")
 
 
 def as_volume(item):
@@ -125,7 +133,7 @@ def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool
             fine_affine=np.asarray(meta["fine_affine"], dtype=np.float64),
             coarse_affine=np.asarray(meta["coarse_affine"], dtype=np.float64),
             source_shape=tuple(meta["source_shape"]), source_affine=np.asarray(meta["source_affine"], np.float64),
-            key=key, name=meta.get("name", name), body=torch.from_numpy(np.asarray(body, dtype=bool)),
+            key=key, name=name or meta.get("name", ""), body=torch.from_numpy(np.asarray(body, dtype=bool)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CacheError(f"{path}: entry metadata misses a field ({e})") from None
@@ -233,15 +241,35 @@ class EmbeddingStore:
         self.memory_mb = memory_mb
         self._memory: OrderedDict[str, Embedding] = OrderedDict()
         self.stats = {"computed": 0, "disk_hits": 0, "memory_hits": 0, "recomputed_bad_cache": 0}
+        self.names: dict[str, str] = {}  # absolute image path -> its name in logs (see name_sources)
 
-    def get(self, volume) -> Embedding:
-        """Embedding of a ``Volume`` or image path (an :class:`Embedding` is returned as it is)."""
+    def name_sources(self, volumes: Sequence) -> dict[str, str]:
+        """Name the images of ``volumes`` (``Volume``s or paths) apart from each other in logs and
+        errors: two series at ``patient1/PATIENT_DICOM`` and ``patient2/PATIENT_DICOM`` are
+        ``patient1_PATIENT_DICOM`` and ``patient2_PATIENT_DICOM``, not both ``PATIENT_DICOM``
+        (:func:`alice3d.data.datalists.display_names` over the whole list). Kept for every later
+        :meth:`get`; returns the names given."""
+        paths = [str(p) for p in (_path_of(v) for v in volumes) if p]
+        named = dict(zip((os.path.abspath(p) for p in paths), display_names(paths, keep_suffix=True)))
+        self.names.update(named)
+        return named
+
+    def name_of(self, volume, key: str = "") -> str:
+        """The name :meth:`get` gives ``volume``: from :meth:`name_sources`, else its file (or
+        DICOM folder) name, else the start of its image key."""
+        path = _path_of(volume)
+        if not path:
+            return key[:12]
+        return self.names.get(os.path.abspath(str(path))) or display_names([path], keep_suffix=True)[0]
+
+    def get(self, volume, name: str | None = None) -> Embedding:
+        """Embedding of a ``Volume`` or image path (an :class:`Embedding` is returned as it is);
+        ``name``: what logs call it (default :meth:`name_of`)."""
         if isinstance(volume, Embedding):
             return volume
         vol = as_volume(volume)
         key = image_key(vol)
-        name = Path(vol.path).name if getattr(vol, "path", "") else key[:12]
-        return self.get_keyed(key, name, lambda: vol)
+        return self.get_keyed(key, name or self.name_of(vol if _path_of(vol) else volume, key), lambda: vol)
 
     def get_keyed(self, key: str, name: str, load: Callable[[], object]) -> Embedding:
         """Embedding of the image whose key is known (e.g. from a volume store's meta); ``load()``

@@ -262,17 +262,23 @@ def _header_modality(path: Path) -> str:
     return "MR" if name.startswith(("MR", "T1", "T2", "FLAIR", "ADC", "DWI")) else "CT"
 
 
-def _print_reports(key: str, reports) -> None:
-    """ok lines (with what was read), then warnings, then bad cases: the problems end up last."""
+def _print_reports(key: str, reports, names: dict[str, str] | None = None) -> None:
+    """ok lines (with what was read), then warnings, then bad cases: the problems end up last.
+
+    ``names``: absolute image path -> the name to show (:func:`display_names` over every listed
+    image, so that ``patient1/PATIENT_DICOM`` and ``patient2/PATIENT_DICOM`` read apart)."""
+    def shown(image) -> str:
+        return (names or {}).get(os.path.abspath(str(image))) or Path(image).name
+
     for r in reports:
         if r.ok:
-            print(f"ok   {key}: {Path(r.image).name}: {r.stats.summary() if r.stats else ''}")
+            print(f"ok   {key}: {shown(r.image)}: {r.stats.summary() if r.stats else ''}")
     for r in reports:
         for w in r.warnings:
             print(f"WARN {key}: {w}")
     for r in reports:
         if not r.ok:
-            print(f"BAD  {key}: {Path(r.image).name}: {'; '.join(r.problems)}")
+            print(f"BAD  {key}: {shown(r.image)}: {'; '.join(r.problems)}")
 
 
 def _write_validate_json(path: Path, doc: dict) -> None:
@@ -288,11 +294,21 @@ def _cmd_validate(args) -> int:
     labels = args.labels if args.labels is not None else _header_labels(args.data)
     modality = args.modality or _header_modality(args.data)
     cases = []
+    # every list first, so that each image is named apart from all the others listed (any split)
+    listed: dict[str, list | DataError] = {}
     for key in keys:
         try:
             # a listed file that is missing is one more bad case, not the end of the check
-            entries = load_datalist(args.data, key=key, check_exists=False)
+            listed[key] = load_datalist(args.data, key=key, check_exists=False)
         except DataError as e:
+            listed[key] = e  # reported below, once the lists before it are checked
+    images = [str(e["image"]) for entries in listed.values() if not isinstance(entries, DataError)
+              for e in entries if isinstance(e, dict) and e.get("image") is not None]
+    names = dict(zip((os.path.abspath(p) for p in images), display_names(images, keep_suffix=True)))
+    for key in keys:
+        entries = listed.get(key)
+        if isinstance(entries, DataError):
+            e = entries
             if args.key is None and key != "training" and "no 'validation' list" in str(e):
                 continue
             print(f"error: {e}", file=sys.stderr)
@@ -302,7 +318,7 @@ def _cmd_validate(args) -> int:
             return 2
         reports = inspect_datalist(entries, label_values=labels, full=args.full, describe=True,
                                    expect_modality=modality)
-        _print_reports(key, reports)
+        _print_reports(key, reports, names)
         cases += [{"split": key, **r.to_dict()} for r in reports]
     n_bad = sum(c["status"] == "bad" for c in cases)
     n_warn = sum(len(c["warnings"]) for c in cases)

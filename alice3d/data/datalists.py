@@ -191,22 +191,24 @@ def _stem(name: str) -> str:
     return name
 
 
-def display_names(paths: Sequence[str | os.PathLike], safe: bool = False) -> list[str]:
+def display_names(paths: Sequence[str | os.PathLike], safe: bool = False, keep_suffix: bool = False) -> list[str]:
     """A short name per path: its file (or DICOM folder) name without the image suffix, and for
     names that several paths share, the nearest parent folder(s) that tell them apart in front.
 
     ``/d/patient1/PATIENT_DICOM`` and ``/d/patient2/PATIENT_DICOM`` -> ``patient1_PATIENT_DICOM``,
     ``patient2_PATIENT_DICOM``; a name no other path has stays as it is, so adding a case never
     renames the others unless it shares their name. ``safe``: only ``[A-Za-z0-9._-]`` in each part
-    (folder names). The same path listed twice gets the same name.
+    (folder names). ``keep_suffix``: the image suffix stays on (``a_scan.nii.gz``, for messages
+    that name files). The same path listed twice gets the same name.
     """
     # parent folders, nearest first
-    parents, stems = [], []
+    parents, stems, suffixes = [], [], []
     for p in paths:
         parts = Path(os.path.abspath(str(p).rstrip("/") or "/")).parts
         stem = _stem(parts[-1]) if parts else ""
         parents.append([(_safe(q) if safe else q) for q in reversed(parts[:-1])])
         stems.append((_safe(stem) if safe else stem) or "case")
+        suffixes.append(parts[-1][len(stem):] if keep_suffix and parts else "")
     prefix: list[list[str]] = [[] for _ in stems]
 
     def split(group: list[int], depth: int) -> None:
@@ -233,4 +235,4 @@ def display_names(paths: Sequence[str | os.PathLike], safe: bool = False) -> lis
     for members in groups.values():
         if len(members) > 1:
             split(members, 0)
-    return ["_".join([*pre, s]) for pre, s in zip(prefix, stems)]
+    return ["_".join([*pre, s]) + x for pre, s, x in zip(prefix, stems, suffixes)]
