@@ -47,6 +47,7 @@ __all__ = [
     "organ_center_task",
     "frozen_tokens",
     "linear_probe",
+    "knn_probe",
     "attentive_probe",
     "run_probes",
     "encoder_from_file",
@@ -64,12 +65,14 @@ DEFAULT_PROBE_CLASSES: dict[str, tuple[int, ...]] = {
 
 @dataclass
 class ProbeTask:
-    """images `(N, C, *spatial)` float, labels `(N,)` long, train `(N,)` bool (False = test)."""
+    """images `(N, C, *spatial)` float, labels `(N,)` long, train `(N,)` bool (False = test),
+    subjects `(N,)` long: the index of the volume each crop comes from (per-subject scores)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     train: torch.Tensor
     class_names: list[str]
+    subjects: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +92,7 @@ class ProbeResult:
     n_train: int
     n_test: int
     per_class_test_acc: dict[str, float] = field(default_factory=dict)
+    test_correct: torch.Tensor | None = None  # (n_test,) bool, in task order: per-subject scores
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "train_acc": self.train_acc, "test_acc": self.test_acc,
@@ -137,15 +141,22 @@ def organ_center_task(
     body_threshold: float = 0.05,
     margin: int = 0,
     seed: int = 0,
+    contoured: Sequence[Sequence[int] | None] | None = None,
+    other: bool = True,
 ) -> ProbeTask:
-    """Crops centred on `per_class` voxels of each class in every volume (fewer if a class is absent).
+    """Crops centred on `per_class` random voxels of each class in every volume (fewer if a class is absent).
 
     size: 3 entries -> 3D crops; 2 entries -> 2D windows of slices normal to `axis`.
     margin: centres are taken at least this many voxels inside the class (binary erosion), so
     the centre label is unambiguous. The first `train_fraction` of the volumes are training subjects.
+    contoured: per volume, the label ids it contours (None = all); a class with an id outside them
+    is unknown there, so it gives no crops. other: add the "other" class (label 0 in the body);
+    with partial labels leave it out, since an uncontoured organ would count as "other".
     """
     classes = dict(DEFAULT_PROBE_CLASSES if classes is None else classes)
-    names = list(classes) + ["other"]
+    names = list(classes) + (["other"] if other else [])
+    if contoured is not None and len(contoured) != len(volumes):
+        raise ValueError(f"organ_center_task: {len(contoured)} contoured lists for {len(volumes)} volumes")
     size = tuple(int(s) for s in size)
     window = size if len(size) == 3 else tuple(np.insert(np.asarray(size), axis, 1).tolist())
     if len(size) not in (2, 3):
@@ -154,11 +165,16 @@ def organ_center_task(
         raise DataError("organ_center_task: every volume needs a label map")
     rng = np.random.default_rng(seed)
     n_train_vol = max(1, min(len(volumes) - 1, int(round(train_fraction * len(volumes))))) if len(volumes) > 1 else 1
-    images, labels, train = [], [], []
+    images, labels, train, subjects = [], [], [], []
     for j, vol in enumerate(volumes):
-        regions = {name: np.isin(vol.label, ids) for name, ids in classes.items()}
-        regions["other"] = (vol.label == 0) & (vol.array > body_threshold)
+        known = None if contoured is None or contoured[j] is None else set(int(i) for i in contoured[j])
+        regions = {name: np.isin(vol.label, ids) for name, ids in classes.items()
+                   if known is None or set(int(i) for i in ids) <= known}
+        if other:
+            regions["other"] = (vol.label == 0) & (vol.array > body_threshold)
         for k, name in enumerate(names):
+            if name not in regions:
+                continue
             region = regions[name]
             if margin > 0:
                 region = ndimage.binary_erosion(region, iterations=margin)
@@ -170,6 +186,7 @@ def organ_center_task(
                 images.append(crop.reshape(size))
                 labels.append(k)
                 train.append(j < n_train_vol)
+                subjects.append(j)
     if not images:
         raise DataError("organ_center_task: no voxel of any probe class found in the volumes")
     return ProbeTask(
@@ -177,6 +194,7 @@ def organ_center_task(
         labels=torch.tensor(labels, dtype=torch.long),
         train=torch.tensor(train, dtype=torch.bool),
         class_names=names,
+        subjects=torch.tensor(subjects, dtype=torch.long),
     )
 
 
@@ -247,7 +265,23 @@ def linear_probe(
         pred = lin(feats).argmax(1)
     train_acc, _ = _accuracies(pred[tr], task.labels[tr], task.class_names)
     test_acc, per = _accuracies(pred[te], task.labels[te], task.class_names)
-    return ProbeResult("linear", train_acc, test_acc, int(tr.sum()), int(te.sum()), per)
+    return ProbeResult("linear", train_acc, test_acc, int(tr.sum()), int(te.sum()), per, pred[te] == task.labels[te])
+
+
+def knn_probe(tokens: torch.Tensor, task: ProbeTask, k: int = 10, temperature: float = 0.07) -> ProbeResult:
+    """Cosine k-nearest-neighbour vote (weights exp(cos / T), as in DINO) on standardised mean-pooled tokens."""
+    feats = tokens.mean(1).double()
+    tr, te = task.train, ~task.train
+    feats = (feats - feats[tr].mean(0)) / feats[tr].std(0).clamp_min(1e-6)
+    feats = F.normalize(feats, dim=-1)
+    sims = feats[te] @ feats[tr].t()  # (N_test, N_train)
+    k = min(k, int(tr.sum()))
+    top, idx = sims.topk(k, dim=1)
+    votes = torch.zeros(int(te.sum()), task.num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, task.labels[tr][idx], (top / temperature).exp())
+    pred = votes.argmax(1)
+    test_acc, per = _accuracies(pred, task.labels[te], task.class_names)
+    return ProbeResult("knn", float("nan"), test_acc, int(tr.sum()), int(te.sum()), per, pred == task.labels[te])
 
 
 class AttentiveProbe(nn.Module):

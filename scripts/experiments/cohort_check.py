@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alice3d.data.canonical import to_canonical
 from alice3d.data.datalists import load_datalist
-from alice3d.data.io import load_volume, reorient_to_ras, resample_to_spacing
+from alice3d.data.io import load_volume
 from alice3d.data.phantom import correspond, default_cohort, load_cohort_maps
 from alice3d.data.sources import crop_at
 from alice3d.data.volumes import normalize_hu
@@ -43,7 +44,8 @@ BODY_HU = -500.0
 
 
 def prepared(path: str, label: str | None = None):
-    vol = resample_to_spacing(reorient_to_ras(load_volume(path, label)), SPACING, exact=True)
+    """The volume (and label) in RAS at SPACING mm, through the commands' one geometry path, and its windowed array."""
+    vol = to_canonical(load_volume(path, label), SPACING)
     return vol, normalize_hu(vol.array, WINDOW)
 
 

@@ -38,6 +38,9 @@ the GPU). Any value can be overridden by its flag.
     python scripts/experiments/fewlabel_transfer.py --out runs/fewlabel_gpu --setting gpu
     python scripts/experiments/fewlabel_transfer.py --out runs/fl --arms random alice --n-labeled 2 --seeds 0
     python scripts/experiments/fewlabel_transfer.py --out runs/fl --encoder alice=RUN/encoder.pt   # bring your own
+    python scripts/experiments/fewlabel_transfer.py --cohort openkbp --data OPENKBP/dataset.json --out runs/fl_kbp
+
+``--cohort openkbp`` runs the protocol on real head-and-neck CT (fewlabel_openkbp.py).
 
 Runs whose outputs exist are reused, so an interrupted protocol continues where it stopped.
 """
@@ -129,12 +132,12 @@ class Runner:
         """Log the command whose outputs are already there, so the summary lists every run it uses."""
         self.commands.append(quoted(cmd))
         self.n_reused += 1
-        print(f"(done) {quoted(cmd)}", flush=True)
+        print(f"(done) {quoted(cmd)}\n", end="", flush=True)
 
     def __call__(self, cmd: list, name: str) -> None:
         line = quoted(cmd)
         self.commands.append(line)
-        print(f"$ {line}", flush=True)
+        print(f"$ {line}\n", end="", flush=True)  # one write: lines of parallel lanes do not merge
         if self.dry:
             return
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
@@ -143,9 +146,14 @@ class Runner:
         if done.returncode:
             raise SystemExit(f"error: {name} failed (exit {done.returncode}); see {self.out / 'logs' / (name + '.log')}")
 
-    def parallel(self, jobs: list[tuple[list, str]], lanes: int) -> None:
+    def parallel(self, jobs: list, lanes: int) -> None:
+        """Each job is (command, name), or a list of them (and of callables) that runs in order in one lane."""
+        def one(job) -> None:
+            for step in (job if isinstance(job, list) else [job]):
+                step() if callable(step) else self(*step)
+
         with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
-            list(pool.map(lambda job: self(*job), jobs))
+            list(pool.map(one, jobs))
 
 
 # ----------------------------------------------------------------------------- phases
@@ -418,8 +426,17 @@ def plot(args, summary: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def cohort_of(argv: list[str]) -> str:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--cohort", choices=["phantoms", "openkbp"], default="phantoms")
+    return p.parse_known_args(argv)[0].cohort
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cohort", choices=["phantoms", "openkbp"], default="phantoms",
+                   help="openkbp: the protocol on real CT (fewlabel_openkbp.py; its own options: "
+                        "--cohort openkbp --help)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None,
@@ -467,6 +484,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if cohort_of(argv) == "openkbp":
+        import fewlabel_openkbp
+
+        return fewlabel_openkbp.main(argv)
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.out, args.threads, args.dry_run)

@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from alice3d.analysis.probing import (
     ProbeTask,
     encoder_from_file,
     frozen_tokens,
     linear_probe,
+    knn_probe as probing_knn,
     load_labeled_volumes,
     organ_center_task,
 )
@@ -64,17 +64,8 @@ def random_encoder_like(path: str | Path, seed: int = 0) -> torch.nn.Module:
 
 
 def knn_probe(tokens: torch.Tensor, task: ProbeTask, k: int = 10) -> float:
-    """Test accuracy of a cosine kNN vote (weights exp(cos / 0.07), as in DINO) on standardised mean-pooled tokens."""
-    feats = tokens.mean(1).double()
-    tr, te = task.train, ~task.train
-    feats = (feats - feats[tr].mean(0)) / feats[tr].std(0).clamp_min(1e-6)
-    feats = F.normalize(feats, dim=-1)
-    sims = feats[te] @ feats[tr].t()  # (N_test, N_train)
-    k = min(k, int(tr.sum()))
-    top, idx = sims.topk(k, dim=1)
-    votes = torch.zeros(int(te.sum()), task.num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, task.labels[tr][idx], (top / 0.07).exp())
-    return float((votes.argmax(1) == task.labels[te]).double().mean())
+    """Test accuracy of `alice3d.analysis.probing.knn_probe`."""
+    return probing_knn(tokens, task, k).test_acc
 
 
 def probe_encoder(encoder: torch.nn.Module, task: ProbeTask) -> dict:
