@@ -163,7 +163,7 @@ def landmark_model(args, runner, splits: dict) -> Path:
     if model.exists():
         runner.reused(cmd)
     else:
-        runner([*args.tool("alice3d-landmark"), "train", "--out", run, "--resume"] if run.exists() else cmd, "landmark")
+        runner([*cmd, "--resume"] if run.exists() else cmd, "landmark")
     return model
 
 
@@ -183,8 +183,8 @@ def pretrain_seed(args, runner, splits: dict, seed: int, landmark: Path | None) 
                f"train.num_threads={args.threads}", *args.pretrain_args, *arm.pretrain, *batch]
         if files[name].exists():
             runner.reused(cmd)
-        elif run.exists():
-            jobs.append(([*args.tool("alice3d-pretrain"), "--out", run, "--resume"], f"pretrain_{run.name}"))
+        elif run.exists():  # an interrupted run: the same command continues it
+            jobs.append(([*cmd, "--resume"], f"pretrain_{run.name}"))
         else:
             jobs.append((cmd, f"pretrain_{run.name}"))
     runner.parallel(jobs, args.jobs)

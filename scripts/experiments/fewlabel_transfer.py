@@ -191,8 +191,8 @@ def pretrain_all(args, runner: Runner) -> dict[str, dict[int, Path]]:
                    f"train.device={args.device}", f"train.seed={pseed}", *arm.pretrain, *args.pretrain_args]
             if files[pseed].exists():
                 runner.reused(cmd)
-            elif run.exists():  # an interrupted run: continue it
-                jobs.append(([*tool("alice3d-pretrain"), "--out", run, "--resume"], f"pretrain_{run.name}"))
+            elif run.exists():  # an interrupted run: the same command continues it
+                jobs.append(([*cmd, "--resume"], f"pretrain_{run.name}"))
             else:
                 jobs.append((cmd, f"pretrain_{run.name}"))
         encoders[name] = {s: files[s if args.pretrain_per_seed else args.pretrain_seed] for s in args.seeds}
