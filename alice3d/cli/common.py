@@ -38,11 +38,21 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def resolve_config(cls: type[T], args: argparse.Namespace, extra: Sequence[str] = ()) -> T:
-    """Defaults <- --config <- flags mapped to keys (``extra``) <- key=value overrides."""
+    """Defaults <- --config <- flags mapped to keys (``extra``) <- key=value overrides.
+
+    With ``--resume`` and no ``--config``, the run's own ``config.yaml`` takes the place of
+    ``--config``: ``--out RUN --resume`` alone continues the run as it was configured, instead of
+    training the defaults into it; flags and overrides given with it still apply on top.
+    """
     for o in args.overrides:
         if "=" not in o:
             raise ConfigError(f"unexpected argument {o!r}: overrides must look like key=value (see --help)")
-    return load_config(cls, args.config, [*extra, *args.overrides])
+    base = args.config
+    saved = Path(args.out) / "config.yaml" if getattr(args, "out", None) is not None else None
+    if base is None and getattr(args, "resume", False) and saved is not None and saved.is_file():
+        base = saved
+        log.info("--resume: the configuration of %s (flags and key=value overrides apply on top)", saved)
+    return load_config(cls, base, [*extra, *args.overrides])
 
 
 # What a start writes before its first checkpoint: a directory holding only these (empty, for

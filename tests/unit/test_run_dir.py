@@ -110,3 +110,23 @@ def test_a_file_is_not_a_run_directory(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SystemExit, match="is a file"):
         prepare_run_dir(tmp_path / "f", resume=False)
+
+
+def test_resume_without_config_flags_continues_with_the_runs_own_config(tmp_path):
+    # A run started with non-default settings and stopped before its first checkpoint: the leftover
+    # config.yaml is what `--out RUN --resume` continues with, overrides on top; not the defaults.
+    from argparse import Namespace
+
+    from alice3d.cli.common import resolve_config, write_resolved_config
+    from alice3d.pretrain.config import PretrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    started = resolve_config(PretrainConfig, Namespace(config=None, overrides=[
+        "train.max_steps=7", "method=mae", "data.spacing=[4,4,3]"], out=run, resume=False))
+    write_resolved_config(started, run)
+    resumed = resolve_config(PretrainConfig, Namespace(config=None, overrides=["train.lr=0.5"], out=run, resume=True))
+    assert (resumed.train.max_steps, resumed.method, list(resumed.data.spacing)) == (7, "mae", [4.0, 4.0, 3.0])
+    assert resumed.train.lr == 0.5
+    fresh = resolve_config(PretrainConfig, Namespace(config=None, overrides=[], out=run, resume=False))
+    assert fresh.train.max_steps == PretrainConfig().train.max_steps != 7  # without --resume: the defaults
