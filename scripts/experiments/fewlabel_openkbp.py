@@ -76,10 +76,14 @@ ARMS: dict[str, Arm] = {
                             landmark=True),
     "alice_no_casa": Arm("Alice without CASA (pooled)",
                          ("method=alice", "alice.use_casa=false", "alice.intra_without_casa=pooled"), landmark=True),
+    # Follow-up of the first run: the alignment terms outweighed reconstruction and the frozen features
+    # lost what reconstruction alone learns; the same pipeline with both alignment weights at 0.1.
+    "alice_weak_align": Arm("Alice, w_inter = w_intra = 0.1", ("method=alice", "alice.w_inter=0.1", "alice.w_intra=0.1"),
+                            landmark=True),
 }
 DEFAULT_ARMS = list(ARMS)
 DEFAULT_FINETUNE_ARMS = ["random", "mae", "alice"]
-CONTROLS = ["alice_recon_only", "alice_random_pairs", "alice_same_volume", "alice_no_casa"]
+CONTROLS = ["alice_recon_only", "alice_random_pairs", "alice_same_volume", "alice_no_casa", "alice_weak_align"]
 POOL_SIZE = 12
 
 SETTINGS: dict[str, dict] = {
@@ -326,6 +330,20 @@ def test_scores(run: Path, case_names: list[str]) -> dict | None:
 
 # ----------------------------------------------------------------------------- summary
 
+DIAGNOSTICS = ("loss_rec", "loss_inter", "loss_intra", "intra_cos", "online_erank", "target_erank")
+
+
+def pretrain_diagnostics(run: Path, last: int = 50) -> dict[str, float]:
+    """Means over the last `last` logged steps of a pretraining run's metrics.jsonl: which term
+    carries the loss, and the effective rank of the online / target features (1 = collapsed)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "loss" in r][-last:]
+    return {k: float(np.mean([r[k] for r in rows])) for k in DIAGNOSTICS if rows and all(k in r for r in rows)}
+
+
 
 def _matrix(per_seed: dict[int, list], seeds: list[int]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in per_seed[s]] for s in seeds], dtype=np.float64)
@@ -369,6 +387,7 @@ def summarize(args, splits: dict, probes: dict, finetunes: dict) -> dict:
                                "std": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
                                "seeds": sorted(per_seed)}
     pairs = [("mae", "random"), ("alice", "random"), ("alice", "mae")] + [("alice", c) for c in CONTROLS]
+    pairs += [("alice_weak_align", "mae"), ("alice_weak_align", "alice_recon_only")]
     comparisons = {key: {f"{a} - {b}": c for a, b in pairs if (c := compare(per_arm, a, b)) is not None}
                    for key, per_arm in metrics.items()}
     targets = {}
@@ -382,7 +401,14 @@ def summarize(args, splits: dict, probes: dict, finetunes: dict) -> dict:
         dice = float(np.mean([r["mean_dice"] for r in scratch12]))
         organs_above_0 = all(all((v or 0) > 0 for v in r["per_organ_dice"].values()) for r in scratch12)
         targets["scratch at 12 labels >= 0.50 mean test Dice, every OAR above 0"] = dice >= 0.5 and organs_above_0
-    return {"table": table, "comparisons": comparisons, "targets": targets}
+    diagnostics = {}
+    for arm in args.arms:
+        if ARMS[arm].pretrain is None:
+            continue
+        per_seed = [d for s in sorted(probes) if (d := pretrain_diagnostics(args.out / "pretrain" / f"{arm}_seed{s}"))]
+        if per_seed:
+            diagnostics[arm] = {k: float(np.mean([d[k] for d in per_seed])) for k in per_seed[0]}
+    return {"table": table, "comparisons": comparisons, "targets": targets, "pretraining": diagnostics}
 
 
 def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[str], display) -> str:
@@ -396,7 +422,9 @@ def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[st
              f"retrieval on {args.probe_patients} of those test-pats. Seeds {args.seeds}. Wall time so far: "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
              "Values: mean ± std over the seeds done (in brackets: how many); probe and Dice figures in %, "
-             "retrieval error in mm.", ""]
+             "retrieval error in mm. A patient's Dice (NSD) is its mean over the organs it contours; the tables "
+             "average patients (the cells of the bootstrap), so they differ from the per-organ means in each run's "
+             "test_results.md.", ""]
     keys = [k for k in ("linear", "knn", "retrieval_top1", "retrieval_error_mm") if k in table]
     keys += [f"dice_n{n}" for n in args.pools if f"dice_n{n}" in table] + [f"nsd_n{n}" for n in args.pools
                                                                              if f"nsd_n{n}" in table]
@@ -416,7 +444,13 @@ def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[st
         scale = 1 if key == "retrieval_error_mm" else 100
         lines.append(f"- {key}: " + "; ".join(
             f"{c_name} {scale * c['diff']:+.2f} [{scale * c['low']:+.2f}, {scale * c['high']:+.2f}]"
-            f"{'*' if c['excludes_zero'] else ''} ({len(c['seeds'])} seeds)" for c_name, c in comps[key].items()))
+            f"{'*' if c['excludes_zero'] else ''} ({len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''})" for c_name, c in comps[key].items()))
+    if summary.get("pretraining"):
+        lines += ["", "Pretraining, last 50 steps, mean over the seeds probed (loss terms as weighted in the loss; "
+                  "erank: effective rank of the batch's features, 1 = collapsed):", "",
+                  "| arm | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---:|" * len(DIAGNOSTICS)]
+        for arm, d in summary["pretraining"].items():
+            lines.append(f"| {labels[arm]} | " + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in DIAGNOSTICS) + " |")
     if summary["targets"]:
         lines += ["", "Targets of the protocol:", ""]
         lines += [f"- {k}: {'met' if v else 'not met'}" for k, v in summary["targets"].items()]

@@ -91,7 +91,13 @@ def test_test_scores_average_each_case_over_the_organs_it_contours(kbp, tmp_path
 
 
 def test_summary_pairs_arms_by_seed_and_case(kbp, tmp_path):
-    args = type("A", (), {"pools": [2], "arms": ["random", "alice"], "finetune_arms": ["random", "alice"]})()
+    args = type("A", (), {"pools": [2], "arms": ["random", "alice"], "finetune_arms": ["random", "alice"],
+                          "out": tmp_path})()
+    run = tmp_path / "pretrain" / "alice_seed0"
+    run.mkdir(parents=True)
+    rows = [{"step": i, "loss": 1.0, "loss_rec": float(i), "loss_inter": 0.0, "loss_intra": -1.0, "intra_cos": 0.5,
+             "online_erank": 2.0, "target_erank": 3.0} for i in range(1, 61)] + [{"step": 60, "val": 1}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     probes = {s: {"random": {"linear_per_patient": [0.5, 0.5], "knn_per_patient": [0.4, 0.4],
                              "retrieval_per_patient": [0.1, 0.2], "retrieval_error_per_patient": [20.0, 30.0]},
                   "alice": {"linear_per_patient": [0.7, 0.6], "knn_per_patient": [0.4, None],
@@ -112,6 +118,9 @@ def test_summary_pairs_arms_by_seed_and_case(kbp, tmp_path):
     assert s["table"]["dice_n2"]["alice"]["mean"] == pytest.approx(0.4)
     assert s["table"]["linear"]["alice"] == {"mean": pytest.approx(0.65), "std": 0.0, "seeds": [0, 1]}
     assert s["targets"] == {"alice beats scratch at 2 labels": True}
+    # the last 50 logged steps (11..60) of the only seed with a run; lines without a loss are not steps
+    assert s["pretraining"] == {"alice": {"loss_rec": pytest.approx(35.5), "loss_inter": 0.0, "loss_intra": -1.0,
+                                          "intra_cos": 0.5, "online_erank": 2.0, "target_erank": 3.0}}
 
 
 def test_dry_run_writes_the_splits_and_lists_every_run(kbp, tmp_path, capsys):
