@@ -446,8 +446,9 @@ def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[st
             f"{c_name} {scale * c['diff']:+.2f} [{scale * c['low']:+.2f}, {scale * c['high']:+.2f}]"
             f"{'*' if c['excludes_zero'] else ''} ({len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''})" for c_name, c in comps[key].items()))
     if summary.get("pretraining"):
-        lines += ["", "Pretraining, last 50 steps, mean over the seeds probed (loss terms as weighted in the loss; "
-                  "erank: effective rank of the batch's features, 1 = collapsed):", "",
+        lines += ["", "Pretraining, last 50 steps, mean over the seeds probed (loss terms before their weights, 0 where "
+                  "a term is off; loss_rec sums Q's and K's; erank: effective rank of the batch's features, 1 = "
+                  "collapsed):", "",
                   "| arm | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---:|" * len(DIAGNOSTICS)]
         for arm, d in summary["pretraining"].items():
             lines.append(f"| {labels[arm]} | " + " | ".join(f"{d[k]:.3f}" if k in d else "" for k in DIAGNOSTICS) + " |")
@@ -456,7 +457,9 @@ def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[st
         lines += [f"- {k}: {'met' if v else 'not met'}" for k, v in summary["targets"].items()]
     lines += ["", f"Labelled pool (12): {', '.join(splits['pool'])}.", f"Validation: {', '.join(splits['validation'])}.",
               f"Test: {', '.join(splits['test'])}.", "",
-              "Commands (OUT = the `--out` folder):", "", "```"] + [display(c, args.out) for c in commands] + ["```"]
+              "Commands (OUT = the `--out` folder, DATA = the folder of --data"
+              + (", LANDMARK.pt = --landmark" if args.landmark else "") + "):", "", "```"]
+    lines += [display(c) for c in commands] + ["```"]
     return "\n".join(lines) + "\n"
 
 
@@ -480,7 +483,13 @@ def plot(args, summary: dict, path: Path) -> None:
 
 
 def run(args, runner, display) -> int:
-    """The protocol (called by fewlabel_transfer.main for --cohort openkbp)."""
+    """The protocol (called by fewlabel_transfer.main for --cohort openkbp).
+
+    display(line, out): a logged command as a user would type it, OUT for the output folder."""
+    def shown(line: str) -> str:  # the published files name no folder of this machine
+        line = display(line, args.out).replace(str(args.data.parent), "DATA")
+        return line.replace(str(args.landmark), "LANDMARK.pt") if args.landmark else line
+
     if args.data is None:
         raise SystemExit("error: --cohort openkbp needs --data DATASET.json (from `alice3d-data import openkbp`)")
     args.arms = args.arms or list(DEFAULT_ARMS)
@@ -511,12 +520,12 @@ def run(args, runner, display) -> int:
                                                                   if k not in ("paths", "test_entries")},
                "summary": summary, "probes_per_seed": {str(s): v for s, v in probes.items()},
                "finetune_per_run": {f"{a}_n{n}_seed{s}": r for (a, n, s), r in finetunes.items() if r},
-               "timings_s": timings, "commands": runner.commands}
+               "timings_s": timings, "commands": [shown(c) for c in runner.commands]}
         targets = [args.out] + ([args.publish] if args.publish else [])
         for folder in targets:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "fewlabel_openkbp.json").write_text(json.dumps(doc, indent=1))
-            (folder / "fewlabel_openkbp.md").write_text(markdown(args, splits, summary, timings, runner.commands, display))
+            (folder / "fewlabel_openkbp.md").write_text(markdown(args, splits, summary, timings, runner.commands, shown))
             if any(k.startswith("dice_n") for k in summary["table"]):
                 plot(args, summary, folder / "fewlabel_openkbp.png")
 
