@@ -123,6 +123,8 @@ def reference_fits(matcher, sources: Sequence, boxes: Sequence[tuple], grids: Se
     matcher.memory_items = 2
     clock = CostClock("reference fits", len(sources) - 1)
     out = []
+    # every volume named apart from the others (patient1_PATIENT_DICOM, ...) before the first is embedded
+    matcher.store.name_sources(sources)
     try:
         with matcher.store.read_only():
             emb_ref = matcher.embed(sources[r])

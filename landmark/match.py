@@ -37,6 +37,15 @@ __all__ = ["Matcher", "MatchError", "Embedding", "PairTransform", "load_landmark
            "read_points_file", "check_points_inside", "world_bounds", "window_channels"]
 
 
+def _source_path(item) -> str:
+    """The image path of a path or ``Volume`` ("" for an embedding or a volume without one)."""
+    if isinstance(item, Embedding):
+        return ""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return str(getattr(item, "path", "") or "")
+
+
 def _first(*values):
     """The first value that is not None (an explicit 0 or empty value counts)."""
     return next(v for v in values if v is not None)
@@ -126,9 +135,23 @@ class Matcher:
         """The on-disk cache file of the image with ``key`` (see :meth:`image_key`)."""
         return self.disk.path(key)
 
-    def embed(self, volume) -> Embedding:
-        """Embedding of a ``Volume`` or image path: memory LRU -> disk cache -> network."""
-        return self.store.get(volume)
+    def embed(self, volume, name: str | None = None) -> Embedding:
+        """Embedding of a ``Volume`` or image path: memory LRU -> disk cache -> network.
+
+        Logs and errors call it ``name``, else the name :meth:`name_sources` gave its image, else
+        its file (or DICOM folder) name: name a list of volumes first, so that they read apart."""
+        return self.store.get(volume, name)
+
+    def name_sources(self, volumes: Sequence) -> dict[str, str]:
+        """Name the images of ``volumes`` (``Volume``s or paths; embeddings are skipped) apart from
+        each other and from every image named before (``patient1_PATIENT_DICOM``,
+        ``patient2_PATIENT_DICOM``, see :meth:`EmbeddingStore.name_sources`); images named already
+        keep their names unless a new one shares them. Returns the name of every image named so far
+        ({} when all of ``volumes`` were named before)."""
+        paths = [str(p) for p in (_source_path(v) for v in volumes) if p]
+        if all(os.path.abspath(p) in self.store.names for p in paths):
+            return {}
+        return self.store.name_sources([*self.store.names, *paths])
 
     def _compute(self, volume, key: str, name: str) -> Embedding:
         return compute_embedding(self.net, volume, self.spacing, self.hu_window, self.device, key, name)
@@ -149,6 +172,7 @@ class Matcher:
             source = as_volume(source)
             # from the geometry alone: a point outside A should not cost two embeddings and a pair fit
             check_points_inside(source.affine, source.shape, as_points(points_world), source.path or "A")
+        self.name_sources([source, target])  # patient1/PATIENT_DICOM and patient2/PATIENT_DICOM read apart
         return self.match_embeddings(self.embed(source), self.embed(target), points_world)
 
     def query(self, emb_a: Embedding, points_world, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

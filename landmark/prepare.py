@@ -175,6 +175,8 @@ def embed_volumes(matcher: Matcher, sources: Sequence, grids: Sequence[tuple]) -
     log_cost(f"embeddings of the volumes in memory (pairs.consistency={matcher.consistency})", len(sources), 0,
              sum(voxels), writes, "kept in memory for matching")
     matcher.memory_items = max(matcher.memory_items, len(sources))
+    # named over the whole list, so that patient1/PATIENT_DICOM and patient2/PATIENT_DICOM read apart
+    matcher.store.name_sources(sources)
     return [matcher.embed(src) for src in progress(list(sources), desc="landmark embeddings",
                                                    unit="volume", logger=log)]
 

@@ -23,10 +23,12 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from alice3d.data.datalists import display_names
 from alice3d.data.geometry import apply_affine
 from alice3d.data.io import Volume
 
-__all__ = ["CropSource", "MemoryVolume", "as_sources", "body_voxels", "box_world", "crop_at", "source_name"]
+__all__ = ["CropSource", "MemoryVolume", "as_sources", "body_voxels", "box_world", "crop_at", "source_name",
+           "source_names"]
 
 
 class CropSource(Protocol):
@@ -92,9 +94,20 @@ def box_world(affine: np.ndarray, lo: Sequence[int], hi: Sequence[int]) -> tuple
 
 
 def source_name(v, i: int) -> str:
-    """The file name of a volume's source, or ``#i``."""
+    """The file name of a volume's source, or ``#i`` (one volume alone; a list of volumes is named
+    by :func:`source_names`, which tells apart sources of the same name)."""
     p = getattr(v, "path", "")
     return Path(p).name if p else f"#{i}"
+
+
+def source_names(volumes: Sequence) -> list[str]:
+    """The name of each volume in messages, computed over the whole list: its source's file (or
+    DICOM folder) name, with the nearest parent folders that tell apart sources of the same name
+    (``patient1_PATIENT_DICOM.nii.gz``, ``patient2_PATIENT_DICOM.nii.gz``; see
+    :func:`alice3d.data.datalists.display_names`), or ``#i`` for a volume without a path."""
+    paths = [str(getattr(v, "path", "") or "") for v in volumes]
+    named = iter(display_names([p for p in paths if p], keep_suffix=True))
+    return [next(named) if p else f"#{i}" for i, p in enumerate(paths)]
 
 
 class MemoryVolume:
@@ -130,9 +143,10 @@ def as_sources(volumes: Sequence, body_threshold: float = 0.05, max_body: int | 
     """Crop sources: ``Volume`` objects wrapped as :class:`MemoryVolume` (body voxels drawn with one
     generator seeded by ``seed``, in order), crop sources as they are."""
     rng = np.random.default_rng(seed)
+    names = source_names(volumes)
     out = []
     for i, v in enumerate(volumes):
         if isinstance(v, Volume):
-            v = MemoryVolume(v, body_threshold, max_body, rng, pad_value, name=source_name(v, i))
+            v = MemoryVolume(v, body_threshold, max_body, rng, pad_value, name=names[i])
         out.append(v)
     return out

@@ -13,12 +13,11 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from alice3d.data.datalists import load_datalist
+from alice3d.data.datalists import display_names, load_datalist
 from alice3d.data.inspect import log_modality_warnings, too_few_slices
 from alice3d.data.canonical import to_canonical
 from alice3d.data.io import DataError, Volume, load_volume
@@ -123,9 +122,15 @@ def finish_volume_set(vols: list, bad: list[tuple[str, str]], on_bad_data: str, 
         listing = "\n  ".join(f"{p}: {r}" for p, r in bad)
         raise DataError(f"{len(bad)} bad volume(s) (data.on_bad_data=fail, nothing was trained):\n  {listing}")
     if len(vols) < min_volumes:
+        # named over every volume of the run (usable ones too), so that patient1/PATIENT_DICOM and
+        # patient2/PATIENT_DICOM read apart
+        paths = [str(getattr(v, "path", "") or "") for v in vols]
+        names = display_names([*(p for p in paths if p), *(str(p) for p, _ in bad)], keep_suffix=True)[-len(bad):] \
+            if bad else []
         raise DataError(
             f"only {len(vols)} usable volume(s) of {n_total}; at least {min_volumes} needed"
-            + (f" ({len(bad)} quarantined: " + "; ".join(f"{Path(p).name}: {r}" for p, r in bad) + ")" if bad else "")
+            + (f" ({len(bad)} quarantined: " + "; ".join(f"{n}: {r}" for n, (_, r) in zip(names, bad)) + ")"
+               if bad else "")
         )
     if bad:
         log.warning("%d of %d volumes quarantined for this run (data.on_bad_data=skip)", len(bad), n_total)

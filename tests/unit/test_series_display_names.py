@@ -140,3 +140,114 @@ def test_embedding_store_names_the_volumes_it_was_told_about_apart(caplog):
     assert store.get(Volume(np.zeros((4, 4, 4)), np.eye(4)), name="given").name == "given"
     unnamed = store.get(Volume(np.full((4, 4, 4), 9.0), np.eye(4)))
     assert unnamed.name == unnamed.key[:12]
+
+
+# ----------------------------------------------------------------------------- embedding, fits, sources, quarantine
+
+SERIES = ["p1_PATIENT_DICOM.nii.gz", "p2_PATIENT_DICOM.nii.gz"]
+TINY_MODEL = ["data.spacing=[8,8,8]", "model.stem_width=4", "model.widths=[8,8,8,8]", "model.fpn_dim=8",
+              "model.embed_dim=16", "model.extra_windows=[]"]
+
+
+@pytest.fixture(scope="module")
+def patient_dicom_volumes(tmp_path_factory):
+    """Two tiny phantom CTs saved as ``p1/PATIENT_DICOM.nii.gz`` and ``p2/PATIENT_DICOM.nii.gz``
+    and a tiny landmark model at 8 mm."""
+    from alice3d.data.io import load_volume
+    from alice3d.data.phantom import generate_cohort
+    from landmark.model import build_model, recalibrate_norms
+    from landmark.train import save_landmark_model
+
+    root = tmp_path_factory.mktemp("patient_dicom")
+    cohort = generate_cohort(root / "cohort", n=2, seed=3, size="tiny")
+    paths = []
+    for i, src in enumerate(sorted((cohort / "imagesTr").glob("*.nii.gz"))[:2], 1):
+        vol = load_volume(src)
+        paths.append(str(root / "d" / f"p{i}" / "PATIENT_DICOM.nii.gz"))
+        save_nifti(vol.array.astype(np.int16), vol.affine, paths[-1])
+    cfg = load_config(LandmarkConfig, None, TINY_MODEL)
+    torch.manual_seed(0)
+    net = recalibrate_norms(build_model(cfg.model), [torch.rand(1, 1, 32, 32, 32)]).eval()
+    return paths, save_landmark_model(net, cfg, root / "landmark.pt")
+
+
+@pytest.fixture
+def computed_names(monkeypatch):
+    """Every embedding computed logs the name it is computed under."""
+    from landmark.match import Matcher
+
+    original = Matcher._compute
+
+    def compute(self, volume, key, name):
+        logging.getLogger("alice3d.landmark").info("computing the embedding of %s", name)
+        return original(self, volume, key, name)
+
+    monkeypatch.setattr(Matcher, "_compute", compute)
+
+
+def _computed(caplog) -> list[str]:
+    return [r.args[0] for r in caplog.records if r.msg == "computing the embedding of %s"]
+
+
+def test_landmark_embeddings_and_reference_fits_name_patient_dicom_volumes_apart(
+        patient_dicom_volumes, computed_names, tmp_path, monkeypatch, caplog):
+    from alice3d.data.volumes import prepare_volume
+    from landmark.match import Matcher
+    from landmark.prepare import prepare_in_memory
+
+    paths, model = patient_dicom_volumes
+    vols = [prepare_volume(p, (8.0, 8.0, 8.0), (-125, 255)) for p in paths]
+    # none: every volume embedded, each under its own name
+    with caplog.at_level(logging.INFO, logger="alice3d.landmark"):
+        prep = prepare_in_memory(vols, str(model), "none")
+    assert [e.name for e in prep.embeddings] == SERIES
+    assert _computed(caplog) == SERIES, caplog.text
+    # reference: the fits embed the reference first and then the other, both named apart (a fresh cache)
+    monkeypatch.setenv("ALICE3D_CACHE", str(tmp_path / "other_cache"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alice3d.landmark"):
+        prep = prepare_in_memory(vols, str(model), "reference")
+    assert len(prep.transforms) == 2 and sorted(_computed(caplog)) == SERIES, caplog.text
+    # a matcher told nothing names the pair it matches apart too
+    m = Matcher(model, cache_dir=tmp_path / "match_cache")
+    caplog.clear()
+    centre = vols[0].affine[:3, :3] @ (np.asarray(vols[0].shape) / 2) + vols[0].affine[:3, 3]
+    with caplog.at_level(logging.INFO, logger="alice3d.landmark"):
+        m.match(paths[0], paths[1], centre[None])
+    assert _computed(caplog) == SERIES, caplog.text
+    assert m.embed(paths[1]).name == SERIES[1]
+    # a later image of the same name renames the others apart; images already told apart stay as they are
+    assert m.name_sources([paths[0]]) == {}
+    third = str(tmp_path / "p3" / "PATIENT_DICOM.nii.gz")
+    assert m.name_sources([third])[third] == "p3_PATIENT_DICOM.nii.gz"
+    assert m.store.name_of(paths[0]) == SERIES[0]
+
+
+def test_crop_sources_of_a_list_are_named_apart():
+    from alice3d.data.sources import as_sources, source_names
+
+    def vol(path=""):
+        return Volume(np.full((4, 4, 4), 0.5, np.float32), np.eye(4), path=path)
+
+    vols = [vol("/d/p1/PATIENT_DICOM.nii.gz"), vol(), vol("/d/p2/PATIENT_DICOM.nii.gz"), vol("/e/ct.nii.gz")]
+    expected = [SERIES[0], "#1", SERIES[1], "ct.nii.gz"]
+    assert source_names(vols) == expected
+    assert [s.name for s in as_sources(vols)] == expected
+
+
+def test_quarantined_volumes_are_named_by_their_distinguishing_folder(tmp_path):
+    from alice3d.data.io import DataError
+    from alice3d.data.volumes import load_volume_set
+
+    paths = [str(tmp_path / f"p{i}" / "PATIENT_DICOM.nii.gz") for i in (1, 2, 3)]
+    hu = np.full((12, 12, 12), -1000, np.int16)
+    hu[3:9, 3:9, 3:9] = 60
+    save_nifti(hu, np.diag([4.0, 4.0, 4.0, 1.0]), paths[0])  # p2's and p3's files are missing
+    with pytest.raises(DataError) as e:
+        load_volume_set(paths, (4.0, 4.0, 4.0), (-125, 255), min_volumes=2)
+    msg = str(e.value)
+    assert "2 quarantined: p2_PATIENT_DICOM.nii.gz: " in msg and "; p3_PATIENT_DICOM.nii.gz: " in msg, msg
+    # one bad volume among good ones of the same name: named by its folder, not PATIENT_DICOM.nii.gz
+    with pytest.raises(DataError) as e:
+        load_volume_set(paths[:2], (4.0, 4.0, 4.0), (-125, 255), min_volumes=2)
+    assert "(1 quarantined: p2_PATIENT_DICOM.nii.gz: " in str(e.value), str(e.value)
