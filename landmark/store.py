@@ -133,7 +133,7 @@ def read_embedding(path: Path, key: str, model_key: str, name: str, verify: bool
             fine_affine=np.asarray(meta["fine_affine"], dtype=np.float64),
             coarse_affine=np.asarray(meta["coarse_affine"], dtype=np.float64),
             source_shape=tuple(meta["source_shape"]), source_affine=np.asarray(meta["source_affine"], np.float64),
-            key=key, name=name or meta.get("name", ""), body=torch.from_numpy(np.asarray(body, dtype=bool)),
+            key=key, name=meta.get("name") or name, body=torch.from_numpy(np.asarray(body, dtype=bool)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CacheError(f"{path}: entry metadata misses a field ({e})") from None
