@@ -571,6 +571,8 @@ def run(args, runner, display) -> int:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    import fewlabel_transfer as base
+
     p = argparse.ArgumentParser(prog="fewlabel_transfer.py --cohort openkbp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cohort", choices=["openkbp"], default="openkbp")
@@ -598,14 +600,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-finetune", action="store_true", help="pretraining, probes and retrieval only")
     p.add_argument("--publish", type=Path, default=None,
                    help="also write fewlabel_openkbp.{json,md,png} into this folder (e.g. docs/results)")
-    p.add_argument("--jobs", type=int, default=None, help="runs in parallel")
-    p.add_argument("--threads", type=int, default=None, help="threads per run")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dry-run", action="store_true", help="write the splits and print the commands only")
-    args = p.parse_args(argv)
-    for key, value in SETTINGS[args.setting].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    base.add_run_options(p, dry_run_help="write the splits and print the commands only")
+    args = base.apply_setting(p.parse_args(argv), SETTINGS)
     if args.probe_patients < 4:
         p.error("--probe-patients: at least 4 (half train the probe, half test it)")
     if len(args.seeds) < 5:

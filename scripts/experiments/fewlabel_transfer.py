@@ -426,6 +426,22 @@ def plot(args, summary: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def add_run_options(p: argparse.ArgumentParser, dry_run_help: str) -> None:
+    """The options every protocol shares: how many runs at once, threads, device, dry run."""
+    p.add_argument("--jobs", type=int, default=None, help="runs in parallel")
+    p.add_argument("--threads", type=int, default=None, help="threads per run")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+
+
+def apply_setting(args: argparse.Namespace, settings: dict[str, dict]) -> argparse.Namespace:
+    """Fill every option left unset (None) from the chosen --setting."""
+    for key, value in settings[args.setting].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
 def cohort_of(argv: list[str]) -> str:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--cohort", choices=["phantoms", "openkbp"], default="phantoms")
@@ -458,14 +474,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-volumes", type=int, default=None, help="evaluation cases the probes use")
     p.add_argument("--probe-per-class", type=int, default=None)
     p.add_argument("--no-probe", action="store_true")
-    p.add_argument("--jobs", type=int, default=None, help="runs in parallel")
-    p.add_argument("--threads", type=int, default=None, help="threads per run")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dry-run", action="store_true", help="print the commands only")
-    args = p.parse_args(argv)
-    for key, value in SETTINGS[args.setting].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    add_run_options(p, dry_run_help="print the commands only")
+    args = apply_setting(p.parse_args(argv), SETTINGS)
     args.arms = args.arms or list(DEFAULT_ARMS)
     args.n_labeled = args.n_labeled or [2, 6]
     args.pretrain_per_seed = not args.one_pretraining
