@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from alice3d.config import save_config, to_dict
-from alice3d.data.datalists import display_names
 from alice3d.data.loading import load_run_volumes
+from alice3d.data.sources import source_names
 from alice3d.runtime import progress
 from alice3d.train.checkpoint import atomic_save
 from alice3d.train.module import TrainModule
@@ -24,15 +24,6 @@ from landmark.sampling import HUArray, HUTrainVolume, TrainVolume, ViewPairDatas
 log = logging.getLogger("alice3d.landmark")
 
 MODEL_KIND = "alice3d-landmark"
-
-
-def volume_names(volumes: Sequence) -> list[str]:
-    """The name of each volume in logs: its source's file (or DICOM folder) name, with the nearest
-    parent folders that tell apart sources of the same name (``patient1_PATIENT_DICOM``, see
-    :func:`alice3d.data.datalists.display_names`), or ``#i`` for a volume without a path."""
-    paths = [str(getattr(v, "path", "") or "") for v in volumes]
-    named = iter(display_names([p for p in paths if p], keep_suffix=True))
-    return [next(named) if p else f"#{i}" for i, p in enumerate(paths)]
 
 
 class LandmarkModule(TrainModule):
@@ -117,7 +108,7 @@ def load_train_volumes(cfg: LandmarkConfig, bad: list | None = None) -> list[HUT
     windows = [(lo, hi), *[tuple(w) for w in cfg.model.extra_windows]]
     out = []
     volumes = vset.volumes
-    names = volume_names(volumes)
+    names = source_names(volumes)
     for i in progress(range(len(volumes)), desc="training volumes", unit="volume", logger=log,
                       enabled=vset.store is not None):
         v = volumes[i]

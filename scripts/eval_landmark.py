@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cases, maps = load_cases(cohort)
     trained = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases))
+    trained.name_sources([c.volume for c in cases])
     # "affine": the default matching (pair consistency); "argmax": each point on its own
     methods = {"trained_affine": matcher_method(trained, "affine"),
                "trained_reference": reference_method(trained, cases),
@@ -110,6 +111,7 @@ def _openkbp(args) -> int:
     compact = {ids[n]: n for n in ("Brainstem", "RightParotid", "LeftParotid", "Larynx", "Mandible")}
     elongated = {ids[n]: n for n in ("SpinalCord", "Esophagus")}
     trained = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases))
+    trained.name_sources([c.volume for c in cases])  # logs tell apart series of the same file name
     methods = {"trained_affine": matcher_method(trained, "affine"), "trained_argmax": matcher_method(trained, "none"),
                "bbox_position": box_baseline}
     result = evaluate_organ_pairs(cases, methods, compact, elongated, n_pairs=args.pairs, seed=args.seed)

@@ -150,6 +150,7 @@ def reference_method(matcher, cases: Sequence[Case]) -> Callable:
     The N fits run here, up front; ``fn.fit_seconds`` says how long they took.
     """
     t0 = time.perf_counter()
+    matcher.name_sources([c.volume for c in cases])  # logs tell apart series of the same file name
     embs = [matcher.embed(c.volume) for c in cases]
     transforms = reference_transforms(matcher, embs, [(c.body_lo, c.body_hi) for c in cases])
     index = {c.name: k for k, c in enumerate(cases)}

@@ -177,6 +177,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not args.images:
         raise MatchError("embed: give IMAGEs or --data STORE")
     matcher = _matcher(args)
+    matcher.name_sources(args.images)  # logs tell apart series of the same file name
     for image in args.images:
         t0 = time.perf_counter()
         emb = matcher.embed(image)

@@ -16,7 +16,8 @@ from alice3d.data.datalists import display_names
 from alice3d.data.io import Volume, save_nifti
 from landmark.config import LandmarkConfig
 from landmark.store import Embedding, EmbeddingStore
-from landmark.train import load_train_volumes, volume_names
+from alice3d.data.sources import source_names
+from landmark.train import load_train_volumes
 
 UID = "1.2.826.0.1.3680043.2.1125.1.31"
 NAMES = ["patient1_PATIENT_DICOM", "patient2_PATIENT_DICOM", "patient3_PATIENT_DICOM"]
@@ -108,7 +109,7 @@ def test_landmark_training_volumes_are_named_by_their_distinguishing_folder(tmp_
     vols = load_train_volumes(cfg)
     assert sorted(v.name for v in vols) == [n + ".nii.gz" for n in NAMES]
     # without a path a volume is #i; a lone name stays as it is
-    assert volume_names([Volume(np.zeros((2, 2, 2)), np.eye(4), path="/x/a/s.nii"), Volume(np.zeros((2, 2, 2)), np.eye(4)),
+    assert source_names([Volume(np.zeros((2, 2, 2)), np.eye(4), path="/x/a/s.nii"), Volume(np.zeros((2, 2, 2)), np.eye(4)),
                          Volume(np.zeros((2, 2, 2)), np.eye(4), path="/x/b/s.nii"), Volume(np.zeros((2, 2, 2)), np.eye(4), path="/y/t.nii")]) \
         == ["a_s.nii", "#1", "b_s.nii", "t.nii"]
 
@@ -251,3 +252,16 @@ def test_quarantined_volumes_are_named_by_their_distinguishing_folder(tmp_path):
     with pytest.raises(DataError) as e:
         load_volume_set(paths[:2], (4.0, 4.0, 4.0), (-125, 255), min_volumes=2)
     assert "(1 quarantined: p2_PATIENT_DICOM.nii.gz: " in str(e.value), str(e.value)
+
+
+def test_landmark_embed_command_names_same_named_series_apart(patient_dicom_volumes, computed_names, tmp_path,
+                                                              capsys):
+    from alice3d.cli.landmark import main
+
+    paths, model = patient_dicom_volumes
+    # embedded one at a time, the first image alone would be named by its bare file name
+    with pytest.raises(SystemExit) as stop:
+        main(["embed", *paths, "--model", str(model), "--cache-dir", str(tmp_path / "cache")])
+    assert stop.value.code in (0, None)
+    log = capsys.readouterr().err  # the command's own log handler writes to stderr
+    assert [line.rsplit(" ", 1)[1] for line in log.splitlines() if "computing the embedding of" in line] == SERIES, log
