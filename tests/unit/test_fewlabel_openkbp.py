@@ -139,3 +139,17 @@ def test_dry_run_writes_the_splits_and_lists_every_run(kbp, tmp_path, capsys):
     finetune_lines = [ln for ln in printed.splitlines() if "--task custom" in ln]
     assert len(finetune_lines) == 3 and all("pool_n2_seed0.json" in ln for ln in finetune_lines)
     assert sum("evaluate --run" in ln and "--split test" in ln for ln in printed.splitlines()) == 3
+    assert all("aug.crop=classes" in ln for ln in finetune_lines)
+
+
+def test_a_finished_run_made_with_other_settings_is_named_stale(kbp, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  max_steps: 800\n  device: cpu\n  cpu_amp: true\ntask:\n  spacing: [4.0, 4.0, 3.0]\n"
+                      "aug:\n  crop: posneg\n")
+    same = ["alice3d-finetune", "--out", "RUN", "train.max_steps=800", "task.spacing=[4,4,3]", "train.cpu_amp=true"]
+    assert kbp.changed_settings(config, same) == []
+    # where a run computes does not make it stale; what it learns from does
+    assert kbp.changed_settings(config, [*same, "train.device=cuda", "train.num_threads=8"]) == []
+    assert kbp.changed_settings(config, [*same, "aug.crop=classes", "train.max_steps=1000", "eval.sw_overlap=0.5"]) == [
+        "aug.crop: posneg -> classes", "train.max_steps: 800 -> 1000", "eval.sw_overlap: (none) -> 0.5"]
+    assert kbp.changed_settings(tmp_path / "absent.yaml", same) == []
