@@ -93,13 +93,17 @@ class MatchConfig:
     consistency: str = "affine"
     anchors: int = 256  # body points of A matched to fit the pair's affine
     roundtrip_mm: float = 10.0  # an anchor is kept if A -> B -> A lands this close to it
+    # "affine" only: the best voxel within this many mm (per axis) of where the affine maps a
+    # query, so local anatomy the affine cannot follow is matched by similarity; 0: the mapped point.
+    local_radius_mm: float = 0.0
 
     def validate(self, prefix: str = "match.") -> None:
         """ConfigError naming ``prefix + key`` for a value the search or the fit cannot use."""
         check_choice(f"{prefix}consistency", self.consistency, list(CONSISTENCY_MODES))
         if not 0.0 <= self.fine_weight <= 1.0:
             raise ConfigError(f"{prefix}fine_weight: expected a weight in [0, 1], got {self.fine_weight}")
-        for key, low in (("coarse_cells", 1), ("chunk_voxels", 1), ("anchors", 0), ("roundtrip_mm", 0.0)):
+        for key, low in (("coarse_cells", 1), ("chunk_voxels", 1), ("anchors", 0), ("roundtrip_mm", 0.0),
+                         ("local_radius_mm", 0.0)):
             if not getattr(self, key) >= low:
                 raise ConfigError(f"{prefix}{key}: expected at least {low}, got {getattr(self, key)}")
 

@@ -29,7 +29,7 @@ from landmark.embed_cache import cache_max_bytes, default_cache_dir
 from landmark.model import LandmarkNet
 from landmark.points import MatchError, as_points, check_points_inside, parse_points, read_points_file, world_bounds
 from landmark.preprocess import compute_embedding, load_landmark_model, model_key, window_channels
-from landmark.search import SEARCH_MODES, best_voxels, query_vectors, score_at
+from landmark.search import SEARCH_MODES, best_voxels, best_voxels_near, query_vectors, score_at
 from landmark.store import DiskEmbeddingCache, Embedding, EmbeddingStore, as_volume, image_key
 
 # The package's public face: callers import these from here, wherever they live.
@@ -80,6 +80,7 @@ class Matcher:
     consistency = _config_field("consistency")
     anchors = _config_field("anchors")
     roundtrip_mm = _config_field("roundtrip_mm")
+    local_radius_mm = _config_field("local_radius_mm")
 
     def __init__(self, model: str | os.PathLike | LandmarkNet, cache_dir: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", use_cache: bool = True, search: str = "auto",
@@ -87,7 +88,7 @@ class Matcher:
                  spacing: Sequence[float] | None = None, hu_window: Sequence[float] | None = None,
                  memory_items: int = 32, verify_cache: bool = True, chunk_voxels: int | None = None,
                  coarse_cells: int | None = None, consistency: str | None = None, anchors: int | None = None,
-                 roundtrip_mm: float | None = None):
+                 roundtrip_mm: float | None = None, local_radius_mm: float | None = None):
         data = LandmarkConfig().data
         if isinstance(model, LandmarkNet):
             self.net, meta = model, {}
@@ -97,7 +98,8 @@ class Matcher:
         self.hu_window = tuple(float(h) for h in _first(hu_window, meta.get("hu_window"), data.hu_window))
         self.config = resolve_match_config(
             meta.get("match"), fine_weight=fine_weight, refine=refine, chunk_voxels=chunk_voxels,
-            coarse_cells=coarse_cells, consistency=consistency, anchors=anchors, roundtrip_mm=roundtrip_mm)
+            coarse_cells=coarse_cells, consistency=consistency, anchors=anchors, roundtrip_mm=roundtrip_mm,
+            local_radius_mm=local_radius_mm)
         if search not in ("auto", *SEARCH_MODES):
             raise ValueError(f"search: expected 'auto', 'full', 'pruned' or 'coarse', got {search!r}")
         self.device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,8 +233,16 @@ class Matcher:
         fi = apply_affine(np.linalg.inv(emb_b.fine_affine), mapped)
         ci = apply_affine(np.linalg.inv(emb_b.coarse_affine), mapped)
         outside = ((fi < -0.5) | (fi > np.asarray(emb_b.fine_shape) - 0.5)).any(axis=1)
-        score = score_at(q_f, q_c, emb_b.fine, emb_b.coarse, torch.from_numpy(fi), torch.from_numpy(ci),
-                         self.config.fine_weight).numpy()
+        c = self.config
+        if c.local_radius_mm > 0:
+            spacing = np.linalg.norm(emb_b.fine_affine[:3, :3], axis=0)
+            radius = [max(1, int(round(c.local_radius_mm / float(sp)))) for sp in spacing]
+            idx, score_t = best_voxels_near(q_f, q_c, emb_b.fine, emb_b.coarse, emb_b.factor, torch.from_numpy(fi),
+                                            radius, fine_weight=c.fine_weight, refine=c.refine)
+            mapped, score = apply_affine(emb_b.fine_affine, idx.numpy()), score_t.numpy()
+        else:
+            score = score_at(q_f, q_c, emb_b.fine, emb_b.coarse, torch.from_numpy(fi), torch.from_numpy(ci),
+                             c.fine_weight).numpy()
         if outside.any():
             mapped[outside], score[outside] = self.match_argmax(emb_a, emb_b, pts[outside])
         return mapped, score

@@ -313,6 +313,34 @@ def refine_peak(q_f: torch.Tensor, coarse_sim: torch.Tensor, fine: torch.Tensor,
     return torch.where(ok, offset, 0.0)
 
 
+def best_voxels_near(q_f: torch.Tensor, q_c: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, factor: int,
+                     centres: torch.Tensor, radius: Sequence[int], *, fine_weight: float,
+                     refine: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the fine voxel with the highest combined similarity within a box of ``radius``
+    voxels per axis around its ``centres (N, n)`` (continuous fine indices, e.g. where the pair's
+    affine maps it). Returns continuous fine indices ``(N, n)`` float64 and scores ``(N,)``, like
+    :func:`best_voxels`; a box cut by the grid border searches what is inside."""
+    n = centres.shape[1]
+    shape = torch.tensor(list(fine.shape[:-1]))
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(-r, r + 1) for r in radius], indexing="ij"), -1).reshape(-1, n)
+    coarse_sim = torch.einsum("nd,...d->n...", q_c, coarse.float())  # (N, *Sc)
+    best, score = [], []
+    for i in range(len(q_f)):
+        idx = centres[i].round().long() + offsets
+        idx = idx[((idx >= 0) & (idx < shape)).all(dim=1)]
+        if len(idx) == 0:  # the centre lies outside the grid by more than the radius: its nearest voxel
+            idx = torch.minimum(centres[i].round().long().clamp_min(0), shape - 1)[None]
+        values = combined_at(q_f[i], coarse_sim[i], fine, factor, fine_weight, idx)
+        k = int(values.argmax())
+        best.append(idx[k])
+        score.append(values[k])
+    best_t = torch.stack(best)
+    out = best_t.double()
+    if refine:
+        out = out + refine_peak(q_f, coarse_sim, fine, factor, fine_weight, best_t)
+    return out, torch.stack(score).float().clamp(-1.0, 1.0)
+
+
 def best_voxels(q_f: torch.Tensor, q_c: torch.Tensor, fine: torch.Tensor, coarse: torch.Tensor, factor: int, *,
                 mode: str, fine_weight: float, coarse_cells: int, chunk_voxels: int, refine: bool,
                 dense_fine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--no-untrained", action="store_true", help="skip the untrained-network baseline")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    p.add_argument("--local-radius-mm", type=float, nargs="*", default=[],
+                   help="with --cohort openkbp: also score affine matching refined by the best voxel within each "
+                        "of these radii of the mapped point (a row 'trained_affine_local<R>' each)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -114,6 +117,11 @@ def _openkbp(args) -> int:
     trained.name_sources([c.volume for c in cases])  # logs tell apart series of the same file name
     methods = {"trained_affine": matcher_method(trained, "affine"), "trained_argmax": matcher_method(trained, "none"),
                "bbox_position": box_baseline}
+    for radius in args.local_radius_mm:
+        local = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases),
+                        local_radius_mm=radius)
+        local.name_sources([c.volume for c in cases])
+        methods[f"trained_affine_local{radius:g}"] = matcher_method(local, "affine")
     result = evaluate_organ_pairs(cases, methods, compact, elongated, n_pairs=args.pairs, seed=args.seed)
     result.update(cohort="openkbp", data=str(args.data), split=args.split, cases=len(cases), model=str(args.model),
                   seconds=round(time.perf_counter() - t0, 1))

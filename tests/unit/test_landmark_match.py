@@ -241,3 +241,20 @@ def test_explicit_zeros_reach_the_search_and_the_fit(net, volume, tmp_path, monk
         assert seen.pop() == want
     # no anchors: nothing to fit, the pair is matched point by point
     assert m.stats["pair_fallbacks"] == 1 and m.stats["pair_transforms"] == 0
+
+
+def test_local_refinement_searches_only_near_where_the_affine_maps(net, volume, tmp_path):
+    pts = _points(volume)
+    plain = Matcher(net, cache_dir=tmp_path, consistency="affine")
+    mapped, mapped_s = plain.match(volume, volume, pts)
+    local = Matcher(net, cache_dir=tmp_path, consistency="affine", local_radius_mm=6.0)
+    found, s = local.match(volume, volume, pts)
+    fine_spacing = np.linalg.norm(local.embed(volume).fine_affine[:3, :3], axis=0)
+    radius = np.maximum(1, np.round(6.0 / fine_spacing)) * fine_spacing
+    # within the box (plus half a voxel for its centre, the nearest voxel, and half for the
+    # sub-voxel refinement) and never a worse score
+    assert (np.abs(found - mapped) <= radius + fine_spacing + 1e-6).all()
+    assert not np.allclose(found, mapped)
+    assert (s >= mapped_s - 1e-5).all()
+    with pytest.raises(ValueError, match="local_radius_mm"):
+        Matcher(net, cache_dir=tmp_path, local_radius_mm=-1.0)

@@ -117,3 +117,28 @@ def test_coarse_search_with_one_cell_stays_in_the_best_bound_cell(case):
         assert bound[k][cell] == bound[k].max()
     with pytest.raises(ValueError, match="coarse_cells: expected at least 1"):
         search_coarse(torch.from_numpy(q_f), csim, torch.from_numpy(fine), FACTOR, 0.5, cells=0, chunk_voxels=1)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_search_near_a_centre_takes_the_best_voxel_of_its_box_not_the_global_peak(n):
+    from landmark.search import best_voxels_near
+
+    shape = (5,) * n
+    fine = torch.zeros(*shape, 2)
+    fine[..., 1] = 1.0  # everywhere orthogonal to the query ...
+    fine[(4,) * n] = torch.tensor([1.0, 0.0])  # ... except the global peak, far from the centre
+    fine[(1,) * n] = torch.tensor([0.8, 0.6])  # and the best voxel of the centre's box
+    coarse = torch.zeros(*(1,) * n, 2)
+    q = torch.tensor([[1.0, 0.0]])
+    idx_all, _ = best_voxels(q, q, fine, coarse, 5, mode="full", fine_weight=1.0, coarse_cells=1,
+                             chunk_voxels=1000, refine=False)
+    assert idx_all[0].tolist() == [4.0] * n
+    centre = torch.tensor([[1.2] * (n - 1) + [0.6]], dtype=torch.float64)
+    idx, score = best_voxels_near(q, q, fine, coarse, 5, centre, [1] * n, fine_weight=1.0, refine=False)
+    assert idx[0].tolist() == [1.0] * n and score[0].item() == pytest.approx(0.8)
+    # a box that reaches the peak finds it; one cut by the border searches what is inside
+    idx, score = best_voxels_near(q, q, fine, coarse, 5, centre, [3] * n, fine_weight=1.0, refine=False)
+    assert idx[0].tolist() == [4.0] * n and score[0].item() == pytest.approx(1.0)
+    # half fine, half coarse (a coarse map of one cell is constant: 0 here)
+    idx, score = best_voxels_near(q, q, fine, coarse, 5, centre, [1] * n, fine_weight=0.5, refine=False)
+    assert score[0].item() == pytest.approx(0.4)
