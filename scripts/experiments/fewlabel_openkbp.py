@@ -456,7 +456,8 @@ def markdown(args, splits: dict, summary: dict, timings: dict, commands: list[st
              f"{splits['n_unlabelled']} unlabelled train-pats; fine-tuning {args.finetune_steps} steps on pools of "
              f"{', '.join(map(str, args.pools))} labelled train-pats, best checkpoint on {len(splits['validation'])} "
              f"validation-pats, Dice/NSD on {len(splits['test'])} test-pats (never used for a choice); probes and "
-             f"retrieval on {args.probe_patients} of those test-pats. Seeds {args.seeds}. Wall time so far: "
+             f"retrieval on {args.probe_patients} of those test-pats. Seeds {args.seeds}. Fine-tuning settings: "
+             f"{' '.join(args.finetune_args)}. Wall time of the last invocation (runs it reused cost nothing): "
              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) + ".", "",
              "Values: mean ± std over the seeds done (in brackets: how many); probe and Dice figures in %, "
              "retrieval error in mm. A patient's Dice (NSD) is its mean over the organs it contours; the tables "
