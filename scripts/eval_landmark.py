@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cases, maps = load_cases(cohort)
     trained = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases))
-    trained.name_sources([c.volume for c in cases])
+    trained.name_sources([c.volume for c in cases])  # logs tell apart series of the same file name
     # "affine": the default matching (pair consistency); "argmax": each point on its own
     methods = {"trained_affine": matcher_method(trained, "affine"),
                "trained_reference": reference_method(trained, cases),
@@ -118,10 +118,7 @@ def _openkbp(args) -> int:
     methods = {"trained_affine": matcher_method(trained, "affine"), "trained_argmax": matcher_method(trained, "none"),
                "bbox_position": box_baseline}
     for radius in args.local_radius_mm:
-        local = Matcher(args.model, cache_dir=args.cache_dir, device=args.device, memory_items=len(cases),
-                        local_radius_mm=radius)
-        local.name_sources([c.volume for c in cases])
-        methods[f"trained_affine_local{radius:g}"] = matcher_method(local, "affine")
+        methods[f"trained_affine_local{radius:g}"] = matcher_method(trained, "affine", local_radius_mm=radius)
     result = evaluate_organ_pairs(cases, methods, compact, elongated, n_pairs=args.pairs, seed=args.seed)
     result.update(cohort="openkbp", data=str(args.data), split=args.split, cases=len(cases), model=str(args.model),
                   seconds=round(time.perf_counter() - t0, 1))

@@ -130,15 +130,20 @@ def evaluate_pairs(cases: Sequence[Case], maps: dict, methods: dict[str, Callabl
     return out
 
 
-def matcher_method(matcher, consistency: str | None = None) -> Callable:
-    """A method for :func:`evaluate_pairs`; ``consistency`` overrides the matcher's mode for its calls."""
+def matcher_method(matcher, consistency: str | None = None, **settings) -> Callable:
+    """A method for :func:`evaluate_pairs`; ``consistency`` and ``settings`` (matcher attributes such
+    as ``local_radius_mm``) override the matcher's for its calls, so methods share its embeddings."""
+    overrides = {**settings, **({} if consistency is None else {"consistency": consistency})}
+
     def fn(a: Case, b: Case, pts: np.ndarray) -> np.ndarray:
-        saved = matcher.consistency
-        matcher.consistency = saved if consistency is None else consistency
+        saved = {k: getattr(matcher, k) for k in overrides}
+        for k, v in overrides.items():
+            setattr(matcher, k, v)
         try:
             return matcher.match(a.volume, b.volume, pts)[0]
         finally:
-            matcher.consistency = saved
+            for k, v in saved.items():
+                setattr(matcher, k, v)
 
     return fn
 
@@ -150,7 +155,6 @@ def reference_method(matcher, cases: Sequence[Case]) -> Callable:
     The N fits run here, up front; ``fn.fit_seconds`` says how long they took.
     """
     t0 = time.perf_counter()
-    matcher.name_sources([c.volume for c in cases])  # logs tell apart series of the same file name
     embs = [matcher.embed(c.volume) for c in cases]
     transforms = reference_transforms(matcher, embs, [(c.body_lo, c.body_hi) for c in cases])
     index = {c.name: k for k, c in enumerate(cases)}

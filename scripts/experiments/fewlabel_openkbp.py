@@ -88,7 +88,7 @@ POOL_SIZE = 12
 
 # Crop centres drawn class by class: with foreground/background centres (aug.crop=posneg) 800 steps
 # learned only the two or three largest OARs (scratch, 12 patients: validation Dice 0.14); class by
-# class, the parotids and the mandible too (0.32 at step 800 of 1600). See docs/results/fewlabel_openkbp.md.
+# class, the parotids and the mandible too (0.32 at step 800 of 1600). See docs/PRETRAINING.md.
 FINETUNE_RECIPE = ["aug.crop=classes"]
 
 SETTINGS: dict[str, dict] = {

@@ -142,3 +142,24 @@ def test_search_near_a_centre_takes_the_best_voxel_of_its_box_not_the_global_pea
     # half fine, half coarse (a coarse map of one cell is constant: 0 here)
     idx, score = best_voxels_near(q, q, fine, coarse, 5, centre, [1] * n, fine_weight=0.5, refine=False)
     assert score[0].item() == pytest.approx(0.4)
+
+
+def test_matcher_method_overrides_settings_for_its_calls_only():
+    from types import SimpleNamespace
+
+    from alice3d.analysis.landmark_accuracy import matcher_method
+
+    class Fake:
+        consistency, local_radius_mm = "affine", 0.0
+
+        def match(self, a, b, pts):
+            seen.append((self.consistency, self.local_radius_mm))
+            return pts + 1, None
+
+    seen: list = []
+    m = Fake()
+    case = SimpleNamespace(volume=None)
+    out = matcher_method(m, "none", local_radius_mm=8.0)(case, case, np.zeros((2, 3)))
+    matcher_method(m)(case, case, np.zeros((1, 3)))
+    assert seen == [("none", 8.0), ("affine", 0.0)] and (m.consistency, m.local_radius_mm) == ("affine", 0.0)
+    np.testing.assert_array_equal(out, np.ones((2, 3)))
