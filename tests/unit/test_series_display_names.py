@@ -259,9 +259,14 @@ def test_landmark_embed_command_names_same_named_series_apart(patient_dicom_volu
     from alice3d.cli.landmark import main
 
     paths, model = patient_dicom_volumes
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     # embedded one at a time, the first image alone would be named by its bare file name
-    with pytest.raises(SystemExit) as stop:
-        main(["embed", *paths, "--model", str(model), "--cache-dir", str(tmp_path / "cache")])
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(["embed", *paths, "--model", str(model), "--cache-dir", str(tmp_path / "cache")])
+    finally:  # the command's handler writes to this test's captured stderr, closed after it
+        root.handlers[:], root.level = handlers, level
     assert stop.value.code in (0, None)
-    log = capsys.readouterr().err  # the command's own log handler writes to stderr
+    log = capsys.readouterr().err
     assert [line.rsplit(" ", 1)[1] for line in log.splitlines() if "computing the embedding of" in line] == SERIES, log
